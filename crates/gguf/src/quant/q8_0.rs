@@ -1,0 +1,125 @@
+//! Q8_0 (spec §4.2): 34-byte blocks of f16 scale + 32 int8, `x = d·q`.
+//!
+//! Also the Q8_0-style activation quantisation used by the 8-bit dot path
+//! (scale kept in f32, round-half-even, spec §4.7).
+
+use super::float::{f16_to_f32, f32_to_f16, rd_u16};
+
+pub const QK: usize = 32;
+pub const BLOCK_BYTES: usize = 34;
+
+pub(crate) fn dequant(data: &[u8], out: &mut [f32]) {
+    for (b, o) in data.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_to_f32(rd_u16(b, 0));
+        for (v, &q) in o.iter_mut().zip(&b[2..]) {
+            *v = d * (q as i8) as f32;
+        }
+    }
+}
+
+/// Quantise to Q8_0 bytes exactly like ggml / gguf-py: `d = amax/127`,
+/// `q = round_half_away(x/d)`, `d` stored as f16. `x.len()` must be a multiple of 32.
+pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    assert!(x.len() % QK == 0, "quantize_q8_0: length {} is not a multiple of 32", x.len());
+    let mut out = Vec::with_capacity(x.len() / QK * BLOCK_BYTES);
+    for blk in x.chunks_exact(QK) {
+        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
+        out.extend(blk.iter().map(|&v| ((v * id).round() as i32).clamp(-128, 127) as i8 as u8));
+    }
+    out
+}
+
+/// Activations quantised per 32 for Q8_0 weights.
+#[derive(Clone, Debug, Default)]
+pub struct Q8_0Acts {
+    pub d: Vec<f32>,
+    pub qs: Vec<i8>,
+}
+
+/// `d = amax/127`, `q = rint(x·(1/d))` half-even, clamp; all-zero block → d = 0, q = 0.
+pub fn quantize_acts_q8_0(x: &[f32]) -> Q8_0Acts {
+    assert!(x.len() % QK == 0, "Q8_0 activations: length {} is not a multiple of 32", x.len());
+    let mut a = Q8_0Acts { d: Vec::with_capacity(x.len() / QK), qs: Vec::with_capacity(x.len()) };
+    for blk in x.chunks_exact(QK) {
+        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 1.0 / d } else { 0.0 };
+        a.d.push(d);
+        a.qs.extend(blk.iter().map(|&v| (v * id).round_ties_even().clamp(-128.0, 127.0) as i8));
+    }
+    a
+}
+
+pub(crate) fn dot_scalar(row: &[u8], x: &[f32]) -> f32 {
+    let mut s = 0f32;
+    for (b, xb) in row.chunks_exact(BLOCK_BYTES).zip(x.chunks_exact(QK)) {
+        let d = f16_to_f32(rd_u16(b, 0));
+        let mut acc = [0f32; 8];
+        for (qc, xc) in b[2..].chunks_exact(8).zip(xb.chunks_exact(8)) {
+            for l in 0..8 {
+                acc[l] += ((qc[l] as i8) as f32) * xc[l];
+            }
+        }
+        s += d * acc.iter().sum::<f32>();
+    }
+    s
+}
+
+pub(crate) fn dot_q8_scalar(row: &[u8], xd: &[f32], xq: &[i8]) -> f32 {
+    let mut s = 0f32;
+    for ((b, &dx), qx) in row.chunks_exact(BLOCK_BYTES).zip(xd).zip(xq.chunks_exact(QK)) {
+        let sumi: i32 = b[2..].iter().zip(qx).map(|(&w, &x)| (w as i8) as i32 * x as i32).sum();
+        s += f16_to_f32(rd_u16(b, 0)) * dx * sumi as f32;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use super::*;
+    use crate::quant::simd::avx2::*;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
+        let nb = x.len() / QK;
+        let (r, xp) = (row.as_ptr(), x.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        for i in 0..nb {
+            let b = r.add(i * BLOCK_BYTES);
+            let d = _mm256_set1_ps(f16_1(u16::from_le_bytes([*b, *b.add(1)])));
+            let q = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            let xb = xp.add(i * QK);
+            let q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+            let q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(_mm256_castsi256_si128(q), 8)));
+            let hi = _mm256_extracti128_si256(q, 1);
+            let q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+            let q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+            let p01 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb.add(8)), _mm256_mul_ps(q0, _mm256_loadu_ps(xb)));
+            let p23 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb.add(24)), _mm256_mul_ps(q2, _mm256_loadu_ps(xb.add(16))));
+            acc0 = _mm256_fmadd_ps(d, p01, acc0);
+            acc1 = _mm256_fmadd_ps(d, p23, acc1);
+        }
+        hsum_ps(_mm256_add_ps(acc0, acc1))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8(row: &[u8], xd: &[f32], xq: &[i8]) -> f32 {
+        let nb = xd.len();
+        let (r, qp) = (row.as_ptr(), xq.as_ptr());
+        let mut acc = _mm256_setzero_ps();
+        for i in 0..nb {
+            let b = r.add(i * BLOCK_BYTES);
+            let dw = f16_1(u16::from_le_bytes([*b, *b.add(1)]));
+            let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            let a = _mm256_loadu_si256(qp.add(i * QK) as *const __m256i);
+            let p = _mm256_cvtepi32_ps(dot_i8x32(w, a));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.get_unchecked(i)), p, acc);
+        }
+        hsum_ps(acc)
+    }
+}

@@ -1,0 +1,99 @@
+//! Runtime SIMD selection and shared AVX2 helpers.
+//!
+//! Kernels exist in two flavours: portable scalar code (the reference) and
+//! AVX2+FMA+F16C code selected at run time. Setting the environment variable
+//! `DSV4_NO_SIMD=1` forces the scalar code (read once, at first use).
+
+use std::sync::OnceLock;
+
+/// Whether the AVX2 kernels are used (CPU support and `DSV4_NO_SIMD` not set).
+pub fn simd_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        let disabled = std::env::var("DSV4_NO_SIMD").is_ok_and(|v| !v.is_empty() && v != "0");
+        !disabled && simd_available()
+    })
+}
+
+/// Whether the CPU supports the AVX2 kernels (ignores `DSV4_NO_SIMD`).
+pub fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Horizontal sum of 8 f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn hsum_ps(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Horizontal sum of 8 i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn hsum_epi32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// Σ a_i·b_i over 32 signed bytes each, as 8 i32 lanes (ggml's sign trick:
+    /// maddubs needs an unsigned first operand). Saturates only if both are −128.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_i8x32(a: __m256i, b: __m256i) -> __m256i {
+        let ax = _mm256_sign_epi8(a, a);
+        let sy = _mm256_sign_epi8(b, a);
+        let p16 = _mm256_maddubs_epi16(ax, sy);
+        _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
+    }
+
+    /// One f16 → f32 through F16C (cheaper than the portable conversion in hot loops).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn f16_1(bits: u16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// 8 f32 from 8 packed f16 at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn load_f16x8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    /// f32 dot of `n` (multiple of 8) contiguous f32 values.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_f32(a: *const f32, b: *const f32, n: usize) -> f32 {
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i + 8)), _mm256_loadu_ps(b.add(i + 8)), acc1);
+            i += 16;
+        }
+        while i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc0);
+            i += 8;
+        }
+        hsum_ps(_mm256_add_ps(acc0, acc1))
+    }
+}
