@@ -1,0 +1,1 @@
+//! Model tools (being written; see issue 7).
