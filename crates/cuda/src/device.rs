@@ -1,0 +1,354 @@
+//! The GPU context: driver initialisation, kernel compilation (NVRTC, cached on
+//! disk per GPU architecture), device buffers and checked launches.
+//!
+//! Raw driver-API calls through cudarc's `result` layer: buffers are plain
+//! device pointers owned by `DevBuf` (freed on drop), every call's status is
+//! checked, and every launch is followed by a launch-error check. All work is
+//! queued on one stream; `sync()` waits for it.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::path::PathBuf;
+
+use cudarc::driver::{result as cu, sys};
+use cudarc::nvrtc::{result as nvrtc, sys as nvsys};
+use sha1::{Digest, Sha1};
+
+use crate::error::{CudaError, Result};
+
+const SOURCES: [(&str, &str); 4] = [
+    ("matvec.cu", include_str!("kernels/matvec.cu")),
+    ("hc.cu", include_str!("kernels/hc.cu")),
+    ("attn.cu", include_str!("kernels/attn.cu")),
+    ("moe.cu", include_str!("kernels/moe.cu")),
+];
+
+fn drv(what: &str) -> impl FnOnce(cu::DriverError) -> CudaError + '_ {
+    move |e| CudaError::Driver(format!("{what}: {e:?}"))
+}
+
+/// An owned device allocation.
+pub struct DevBuf {
+    pub ptr: sys::CUdeviceptr,
+    pub bytes: usize,
+}
+
+impl DevBuf {
+    pub fn f32_at(&self, i: usize) -> u64 {
+        self.ptr + (i * 4) as u64
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // Errors at free time cannot be reported usefully; the context may be gone.
+            let _ = unsafe { cu::free_sync(self.ptr) };
+        }
+    }
+}
+
+pub struct Gpu {
+    pub name: String,
+    pub cc: (i32, i32),
+    pub total_mem: usize,
+    ctx: sys::CUcontext,
+    pub stream: sys::CUstream,
+    module: sys::CUmodule,
+    funcs: std::cell::RefCell<HashMap<String, sys::CUfunction>>,
+    pub allocated: std::cell::Cell<usize>,
+}
+
+// The context is made current on whichever thread uses the Gpu (see `bind`);
+// the engine uses a backend from one thread at a time.
+unsafe impl Send for Gpu {}
+
+/// Is a CUDA driver (and NVRTC) loadable on this machine, with a device?
+pub fn probe() -> std::result::Result<(), String> {
+    unsafe {
+        if !sys::is_culib_present() {
+            return Err("the CUDA driver library (libcuda) was not found".into());
+        }
+        if !nvsys::is_culib_present() {
+            return Err("NVRTC (libnvrtc) was not found".into());
+        }
+    }
+    cu::init().map_err(|e| format!("cuInit failed: {e:?}"))?;
+    let n = cu::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))?;
+    if n < 1 {
+        return Err("no CUDA device".into());
+    }
+    Ok(())
+}
+
+impl Gpu {
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        probe().map_err(CudaError::Unavailable)?;
+        let dev = cu::device::get(ordinal as i32).map_err(drv("cuDeviceGet"))?;
+        let name = cu::device::get_name(dev).map_err(drv("cuDeviceGetName"))?;
+        let total_mem = unsafe { cu::device::total_mem(dev) }.map_err(drv("cuDeviceTotalMem"))?;
+        let major = unsafe { cu::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) }
+            .map_err(drv("attribute"))?;
+        let minor = unsafe { cu::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) }
+            .map_err(drv("attribute"))?;
+        let ctx = unsafe { cu::primary_ctx::retain(dev) }.map_err(drv("cuDevicePrimaryCtxRetain"))?;
+        unsafe { cu::ctx::set_current(ctx) }.map_err(drv("cuCtxSetCurrent"))?;
+        let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(drv("cuStreamCreate"))?;
+        let cubin = compile((major, minor))?;
+        let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(drv("cuModuleLoadData"))?;
+        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, module, funcs: Default::default(), allocated: 0.into() })
+    }
+
+    /// Make this GPU's context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        unsafe { cu::ctx::set_current(self.ctx) }.map_err(drv("cuCtxSetCurrent"))
+    }
+
+    pub fn func(&self, name: &str) -> Result<sys::CUfunction> {
+        if let Some(&f) = self.funcs.borrow().get(name) {
+            return Ok(f);
+        }
+        let c = CString::new(name).map_err(|_| CudaError::Driver("bad kernel name".into()))?;
+        let f = unsafe { cu::module::get_function(self.module, c) }.map_err(|e| CudaError::Driver(format!("kernel `{name}`: {e:?}")))?;
+        self.funcs.borrow_mut().insert(name.to_string(), f);
+        Ok(f)
+    }
+
+    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        let bytes = bytes.max(4);
+        match unsafe { cu::malloc_sync(bytes) } {
+            Ok(ptr) => {
+                self.allocated.set(self.allocated.get() + bytes);
+                Ok(DevBuf { ptr, bytes })
+            }
+            Err(e) => {
+                let (free, total) = cu::mem_get_info().unwrap_or((0, 0));
+                Err(CudaError::OutOfMemory { asked: bytes, free, total, detail: format!("{e:?}") })
+            }
+        }
+    }
+
+    pub fn alloc_zeroed(&self, bytes: usize) -> Result<DevBuf> {
+        let b = self.alloc(bytes)?;
+        unsafe { cu::memset_d8_async(b.ptr, 0, b.bytes, self.stream) }.map_err(drv("cuMemsetD8"))?;
+        Ok(b)
+    }
+
+    pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<DevBuf> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let b = self.alloc(bytes.len())?;
+        self.write(&b, 0, bytes)?;
+        Ok(b)
+    }
+
+    /// Synchronous host → device copy at a byte offset.
+    pub fn write(&self, b: &DevBuf, offset: usize, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if offset + bytes.len() > b.bytes {
+            return Err(CudaError::Driver(format!("write of {} bytes at {offset} past a {}-byte buffer", bytes.len(), b.bytes)));
+        }
+        unsafe { cu::memcpy_htod_async(b.ptr + offset as u64, bytes, self.stream) }.map_err(drv("cuMemcpyHtoD"))?;
+        self.sync()
+    }
+
+    pub fn write_f32(&self, b: &DevBuf, offset_elems: usize, v: &[f32]) -> Result<()> {
+        self.write(b, offset_elems * 4, bytemuck::cast_slice(v))
+    }
+
+    pub fn write_i32(&self, b: &DevBuf, offset_elems: usize, v: &[i32]) -> Result<()> {
+        self.write(b, offset_elems * 4, bytemuck::cast_slice(v))
+    }
+
+    pub fn read_f32(&self, ptr: u64, n: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; n];
+        self.sync()?;
+        if n > 0 {
+            unsafe { cu::memcpy_dtoh_async(&mut out[..], ptr, self.stream) }.map_err(drv("cuMemcpyDtoH"))?;
+        }
+        self.sync()?;
+        Ok(out)
+    }
+
+    pub fn read_i32(&self, ptr: u64, n: usize) -> Result<Vec<i32>> {
+        let mut out = vec![0i32; n];
+        self.sync()?;
+        if n > 0 {
+            unsafe { cu::memcpy_dtoh_async(&mut out[..], ptr, self.stream) }.map_err(drv("cuMemcpyDtoH"))?;
+        }
+        self.sync()?;
+        Ok(out)
+    }
+
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        unsafe { cu::memcpy_dtod_async(dst, src, bytes, self.stream) }.map_err(drv("cuMemcpyDtoD"))
+    }
+
+    pub fn memset(&self, ptr: u64, byte: u8, bytes: usize) -> Result<()> {
+        unsafe { cu::memset_d8_async(ptr, byte, bytes, self.stream) }.map_err(drv("cuMemsetD8"))
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        unsafe { cu::stream::synchronize(self.stream) }.map_err(drv("cuStreamSynchronize (a kernel failed)"))
+    }
+
+    /// Launch `name` with `params` (pointers to each argument value, in order).
+    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shmem: u32, params: &mut [*mut c_void]) -> Result<()> {
+        let f = self.func(name)?;
+        if shmem > 48 * 1024 {
+            unsafe {
+                cu::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shmem as i32,
+                )
+            }
+            .map_err(drv("cuFuncSetAttribute"))?;
+        }
+        unsafe { cu::launch_kernel(f, grid, block, shmem, self.stream, params) }
+            .map_err(|e| CudaError::Driver(format!("launch of `{name}` grid {grid:?} block {block:?}: {e:?}")))?;
+        if std::env::var_os("DSV4_CUDA_SYNC").is_some() {
+            self.sync().map_err(|e| CudaError::Driver(format!("after `{name}`: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Launch helper: `launch!(gpu, "kernel", grid, block, shmem; arg, arg, ...)`.
+/// The arguments are moved into a tuple so their addresses stay valid for the
+/// call; their Rust types must match the kernel's parameter types exactly
+/// (device pointers as u64, `int` as i32, `float` as f32, `u64` as u64).
+#[macro_export]
+macro_rules! launch {
+    ($gpu:expr, $name:expr, $grid:expr, $block:expr, $shmem:expr; $($arg:expr),+ $(,)?) => {{
+        let mut vals = ($($arg,)+);
+        let mut p = $crate::device::ParamPtrs::ptrs(&mut vals);
+        $gpu.launch($name, $grid, $block, $shmem, p.as_mut())
+    }};
+}
+
+/// Tuples of kernel arguments → array of pointers to each element.
+pub trait ParamPtrs {
+    type Out: AsMut<[*mut c_void]>;
+    fn ptrs(&mut self) -> Self::Out;
+}
+
+pub fn param_ptrs<T: ParamPtrs>(t: &mut T) -> T::Out {
+    t.ptrs()
+}
+
+macro_rules! impl_params {
+    ($n:expr; $($T:ident $i:tt),*) => {
+        impl<$($T),*> ParamPtrs for ($($T,)*) {
+            type Out = [*mut c_void; $n];
+            fn ptrs(&mut self) -> [*mut c_void; $n] {
+                [$(&mut self.$i as *mut $T as *mut c_void),*]
+            }
+        }
+    };
+}
+impl_params!(1; A 0);
+impl_params!(2; A 0, B 1);
+impl_params!(3; A 0, B 1, C 2);
+impl_params!(4; A 0, B 1, C 2, D 3);
+impl_params!(5; A 0, B 1, C 2, D 3, E 4);
+impl_params!(6; A 0, B 1, C 2, D 3, E 4, F 5);
+impl_params!(7; A 0, B 1, C 2, D 3, E 4, F 5, G 6);
+impl_params!(8; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
+impl_params!(9; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8);
+impl_params!(10; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9);
+impl_params!(11; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10);
+impl_params!(12; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11);
+impl_params!(13; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12);
+impl_params!(14; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13);
+impl_params!(15; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14);
+impl_params!(16; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15);
+impl_params!(17; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16);
+impl_params!(18; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17);
+impl_params!(19; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18);
+impl_params!(20; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19);
+
+/// The full NVRTC source: common header, generated IQ2 tables, kernel families.
+pub fn full_source() -> String {
+    use dsv4_gguf::quant::iq2_tables::{IQ2XXS_GRID, KSIGNS_IQ2XS};
+    let mut s = String::new();
+    s.push_str(include_str!("kernels/common.cuh"));
+    s.push_str("\n__constant__ u64 IQ2XXS_GRID[256] = {");
+    for (i, v) in IQ2XXS_GRID.iter().enumerate() {
+        if i % 8 == 0 {
+            s.push('\n');
+        }
+        s.push_str(&format!("0x{v:016x}ull,"));
+    }
+    s.push_str("};\n__constant__ u8 KSIGNS_IQ2XS[128] = {");
+    for v in KSIGNS_IQ2XS.iter() {
+        s.push_str(&format!("{v},"));
+    }
+    s.push_str("};\n");
+    for (name, src) in SOURCES {
+        s.push_str(&format!("// ---- {name}\n"));
+        s.push_str(src);
+        s.push('\n');
+    }
+    s
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("DSV4_KERNEL_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    let home = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(home.join("dsv4").join("kernels"))
+}
+
+/// Compile (or load from the disk cache) the kernels for compute capability `cc`.
+fn compile(cc: (i32, i32)) -> Result<Vec<u8>> {
+    let src = full_source();
+    let arch = format!("--gpu-architecture=sm_{}{}", cc.0, cc.1);
+    let opts = vec![arch.clone(), "--std=c++17".to_string(), "-default-device".to_string(), "-lineinfo".to_string()];
+    let mut h = Sha1::new();
+    h.update(src.as_bytes());
+    for o in &opts {
+        h.update(o.as_bytes());
+    }
+    let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let path = cache_dir().map(|d| d.join(format!("{key}.cubin")));
+    if let Some(p) = &path {
+        if let Ok(b) = std::fs::read(p) {
+            if !b.is_empty() {
+                return Ok(b);
+            }
+        }
+    }
+    let csrc = CString::new(src).map_err(|_| CudaError::Nvrtc("source has a NUL byte".into()))?;
+    let prog = nvrtc::create_program(&csrc, None).map_err(|e| CudaError::Nvrtc(format!("{e:?}")))?;
+    let res = unsafe { nvrtc::compile_program(prog, &opts) };
+    if let Err(e) = res {
+        let log = unsafe { nvrtc::get_program_log(prog) }.map(|l| l.iter().map(|&c| c as u8 as char).collect::<String>()).unwrap_or_default();
+        let _ = unsafe { nvrtc::destroy_program(prog) };
+        return Err(CudaError::Nvrtc(format!("{e:?}\n{log}")));
+    }
+    let mut size = 0usize;
+    let cubin = unsafe {
+        nvsys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| CudaError::Nvrtc(format!("{e:?}")))?;
+        let mut buf = vec![0u8; size];
+        nvsys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut _).result().map_err(|e| CudaError::Nvrtc(format!("{e:?}")))?;
+        let _ = nvrtc::destroy_program(prog);
+        buf
+    };
+    if let Some(p) = &path {
+        // write-then-rename so a concurrent reader never sees a partial file
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+            let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, &cubin).is_ok() {
+                let _ = std::fs::rename(&tmp, p);
+            }
+        }
+    }
+    Ok(cubin)
+}

@@ -1,0 +1,353 @@
+// Attention-side kernels (spec §6-§9): q/kv finishing, compressors, indexer
+// scores and top-k, and single-pass sparse sink attention. Rows are staged in
+// shared memory (head dims are at most 1024).
+
+#define MAXD 1024
+
+// FP8 e4m3 round trip of `len` values (multiple of 64) of a shared row, one
+// warp per 64-block, power-of-two scale per block (spec §3.2).
+__device__ void fp8_sim_shared(float* r, int len) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int b = w; b < len / 64; b += nw) {
+        float v0 = r[b * 64 + lane], v1 = r[b * 64 + 32 + lane];
+        float amax = fmaxf(warp_max(fmaxf(fabsf(v0), fabsf(v1))), 1e-4f);
+        float s = pow2_ceil(amax * (1.0f / 448.0f));
+        r[b * 64 + lane] = e4m3_round(fminf(fmaxf(v0 / s, -448.f), 448.f)) * s;
+        r[b * 64 + 32 + lane] = e4m3_round(fminf(fmaxf(v1 / s, -448.f), 448.f)) * s;
+    }
+    __syncthreads();
+}
+// FP4 e2m1 round trip in blocks of 32 (one warp per block, spec §3.3).
+__device__ void fp4_sim_shared(float* r, int len) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const float floorv = 6.0f * 1.1754943508222875e-38f;
+    for (int b = w; b < len / 32; b += nw) {
+        float v = r[b * 32 + lane];
+        float amax = fmaxf(warp_max(fabsf(v)), floorv);
+        float s = pow2_ceil(amax * (1.0f / 6.0f));
+        r[b * 32 + lane] = e2m1_round(fminf(fmaxf(v / s, -6.f), 6.f)) * s;
+    }
+    __syncthreads();
+}
+// Sylvester-order Walsh-Hadamard of a shared row (power-of-two length), x n^-1/2.
+__device__ void hadamard_shared(float* r, int n) {
+    for (int h = 1; h < n; h <<= 1) {
+        for (int k = threadIdx.x; k < n / 2; k += blockDim.x) {
+            int i = (k / h) * 2 * h + (k % h);
+            float a = r[i], b = r[i + h];
+            r[i] = a + b;
+            r[i + h] = a - b;
+        }
+        __syncthreads();
+    }
+    float s = rsqrtf((float)n);
+    s = 1.0f / sqrtf((float)n);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) r[i] *= s;
+    __syncthreads();
+}
+__device__ void rope_shared(float* r, int d, int rd, const float* omega, int pos, bool inverse) {
+    for (int i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_pair(&r[d - rd + 2 * i], &r[d - rd + 2 * i + 1], omega[i], pos, inverse);
+    __syncthreads();
+}
+__device__ void rms_shared(float* r, int d, const float* w, float eps, float* sh) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += r[i] * r[i];
+    ss = block_sum(ss, sh);
+    float inv = 1.f / sqrtf(ss / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = r[i] * inv * (w ? w[i] : 1.f);
+    __syncthreads();
+}
+
+// mode 0: q head (unweighted RMS + RoPE); 1: kv row (RMSNorm w + RoPE + FP8 on
+// the non-RoPE dims unless skip_fp8); 2: indexer q head (RoPE + Hadamard + FP4).
+// Row b belongs to token b / per_tok at position p0 + b / per_tok.
+extern "C" __global__ void row_finish(float* x, int d, int per_tok, int rd, const float* omega, int p0, const float* w,
+                                      float eps, int mode, int skip_fp8) {
+    __shared__ float r[MAXD];
+    __shared__ float sh[32];
+    float* row = x + (u64)blockIdx.x * d;
+    int pos = p0 + blockIdx.x / per_tok;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = row[i];
+    __syncthreads();
+    if (mode == 0) rms_shared(r, d, 0, eps, sh);
+    if (mode == 1) rms_shared(r, d, w, eps, sh);
+    rope_shared(r, d, rd, omega, pos, false);
+    if (mode == 1 && !skip_fp8) fp8_sim_shared(r, d - rd);
+    if (mode == 2) {
+        hadamard_shared(r, d);
+        fp4_sim_shared(r, d);
+    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] = r[i];
+}
+
+// Compressor streaming update over a chunk of n tokens (spec §7): one thread per
+// output dim c (it owns lanes c and d+c of every slot, so no synchronisation).
+// kv/sc: [n][coff*d] projections; ape: [ratio][coff*d]; state kvs/scs:
+// [slots][coff*d]; pooled rows written to out[e][d] for the e-th emission.
+extern "C" __global__ void comp_update(const float* kv, const float* sc, const float* ape, float* kvs, float* scs, int n,
+                                       int p0, int ratio, int coff, int d, float* out) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    int w = coff * d;
+    int e = 0;
+    for (int t = 0; t < n; t++) {
+        int p = p0 + t;
+        int slot = (coff == 2) ? ratio + p % ratio : p % ratio;
+        const float* ap = ape + (u64)(p % ratio) * w;
+        for (int l = 0; l < coff; l++) {
+            int i = l * d + c;
+            kvs[(u64)slot * w + i] = kv[(u64)t * w + i];
+            scs[(u64)slot * w + i] = sc[(u64)t * w + i] + ap[i];
+        }
+        if ((p + 1) % ratio != 0) continue;
+        float mx = NEG_INF;
+        if (coff == 2) {
+            for (int s = 0; s < ratio; s++) mx = fmaxf(mx, scs[(u64)s * w + c]);
+            for (int s = ratio; s < 2 * ratio; s++) mx = fmaxf(mx, scs[(u64)s * w + d + c]);
+        } else {
+            for (int s = 0; s < ratio; s++) mx = fmaxf(mx, scs[(u64)s * w + c]);
+        }
+        float num = 0.f, den = 0.f;
+        if (mx != NEG_INF) {
+            if (coff == 2) {
+                for (int s = 0; s < ratio; s++) {
+                    float ex = expf(scs[(u64)s * w + c] - mx);
+                    den += ex;
+                    num += ex * kvs[(u64)s * w + c];
+                }
+                for (int s = ratio; s < 2 * ratio; s++) {
+                    float ex = expf(scs[(u64)s * w + d + c] - mx);
+                    den += ex;
+                    num += ex * kvs[(u64)s * w + d + c];
+                }
+            } else {
+                for (int s = 0; s < ratio; s++) {
+                    float ex = expf(scs[(u64)s * w + c] - mx);
+                    den += ex;
+                    num += ex * kvs[(u64)s * w + c];
+                }
+            }
+        }
+        out[(u64)e * d + c] = (mx == NEG_INF) ? 0.f : num / den;
+        e++;
+        if (coff == 2) {
+            for (int s = 0; s < ratio; s++)
+                for (int l = 0; l < 2; l++) {
+                    int i = l * d + c;
+                    kvs[(u64)s * w + i] = kvs[(u64)(s + ratio) * w + i];
+                    scs[(u64)s * w + i] = scs[(u64)(s + ratio) * w + i];
+                }
+        }
+    }
+}
+
+// Finish emitted rows: RMSNorm, RoPE at row*ratio, then FP8 (attention rows)
+// or Hadamard + FP4 (indexer rows); row e goes to rows[first_row + e].
+extern "C" __global__ void comp_finish(const float* pooled, float* rows, int first_row, int d, int rd, const float* omega,
+                                       const float* norm_w, float eps, int ratio, int is_indexer) {
+    __shared__ float r[MAXD];
+    __shared__ float sh[32];
+    int e = blockIdx.x;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = pooled[(u64)e * d + i];
+    __syncthreads();
+    rms_shared(r, d, norm_w, eps, sh);
+    rope_shared(r, d, rd, omega, (first_row + e) * ratio, false);
+    if (is_indexer) {
+        hadamard_shared(r, d);
+        fp4_sim_shared(r, d);
+    } else {
+        fp8_sim_shared(r, d - rd);
+    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) rows[(u64)(first_row + e) * d + i] = r[i];
+}
+
+// ring[(p0+t) % win] = kv[t] for the chunk's last min(n, win) rows.
+extern "C" __global__ void ring_store(const float* kv, float* ring, int n, int p0, int win, int d) {
+    int t = n - 1 - blockIdx.x;  // one block per stored row
+    if (t < 0) return;
+    int slot = (p0 + t) % win;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ring[(u64)slot * d + i] = kv[(u64)t * d + i];
+}
+
+// Indexer scores for token t (blockIdx.y): score_i = sum_h w_h relu(q_h . K_i)
+// for visible rows i < vis[t]; one warp per row, lanes split the heads.
+extern "C" __global__ void index_scores(const float* q, const float* wts, const float* krows, const int* vis, int ih,
+                                        int id, float wscale, float* scores, int ld) {
+    extern __shared__ float qs[];  // ih * id
+    int t = blockIdx.y;
+    int v = vis[t];
+    const float* qt = q + (u64)t * ih * id;
+    for (int i = threadIdx.x; i < ih * id; i += blockDim.x) qs[i] = qt[i];
+    __syncthreads();
+    int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const float* wt = wts + (u64)t * ih;
+    for (int i = blockIdx.x * nw + wp; i < v; i += gridDim.x * nw) {
+        const float* k = krows + (u64)i * id;
+        float acc = 0.f;
+        for (int h = lane; h < ih; h += 32) {
+            const float* qh = qs + h * id;
+            float s = 0.f;
+            for (int j = 0; j < id; j++) s += qh[j] * k[j];
+            acc += wt[h] * wscale * fmaxf(s, 0.f);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) scores[(u64)t * ld + i] = acc;
+    }
+}
+
+__device__ __forceinline__ u32 fkey(float f) {
+    u32 b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// Exclusive prefix of a 1-bit flag over the block (blockDim.x <= 1024); returns
+// the rank of this thread among flagged threads, writes the total to *tot.
+__device__ int block_rank(bool flag, int* wsum, int* tot) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    u32 m = __ballot_sync(0xffffffffu, flag);
+    int pre = __popc(m & ((1u << lane) - 1));
+    __syncthreads();
+    if (lane == 0) wsum[w] = __popc(m);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int s = 0;
+        for (int i = 0; i < nw; i++) { int c = wsum[i]; wsum[i] = s; s += c; }
+        *tot = s;
+    }
+    __syncthreads();
+    return wsum[w] + pre;
+}
+
+// Top-k rows per token by score (ties to the lower index), written in ascending
+// row order to sel[t][0..cnt[t]). Tokens with vis <= k select all visible rows.
+// Exact radix select on order-preserving keys (4 passes of 8 bits).
+extern "C" __global__ void topk_select(const float* scores, int ld, const int* vis, int k, int* sel, int* cnt) {
+    __shared__ u32 hist[256];
+    __shared__ int wsum[32];
+    __shared__ int tot;
+    __shared__ u32 s_prefix;
+    __shared__ int s_rem;
+    int t = blockIdx.x;
+    int v = vis[t];
+    int* out = sel + (u64)t * k;
+    const float* sc = scores + (u64)t * ld;
+    if (v <= k) {
+        for (int i = threadIdx.x; i < v; i += blockDim.x) out[i] = i;
+        if (threadIdx.x == 0) cnt[t] = v;
+        return;
+    }
+    u32 prefix = 0, mask = 0;
+    int rem = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < v; i += blockDim.x) {
+            u32 key = fkey(sc[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int cum = 0;
+            for (int b = 255; b >= 0; b--) {
+                int h = (int)hist[b];
+                if (cum + h >= rem) {
+                    s_prefix = prefix | ((u32)b << shift);
+                    s_rem = rem - cum;
+                    break;
+                }
+                cum += h;
+            }
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        rem = s_rem;
+        mask |= 255u << shift;
+        __syncthreads();
+    }
+    // keys > T all selected; the first `rem` keys == T (lowest indices) too.
+    int base = 0, eq_seen = 0;
+    for (int i0 = 0; i0 < v; i0 += blockDim.x) {
+        int i = i0 + threadIdx.x;
+        u32 key = (i < v) ? fkey(sc[i]) : 0;
+        bool eq = (i < v) && key == prefix;
+        int eq_rank = block_rank(eq, wsum, &tot);
+        int eq_tot = tot;
+        bool take = (i < v) && (key > prefix || (eq && eq_seen + eq_rank < rem));
+        int r = block_rank(take, wsum, &tot);
+        if (take) out[base + r] = i;
+        base += tot;
+        eq_seen += eq_tot;
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) cnt[t] = k;
+}
+
+// Sparse sink attention for row (token t, head h) = blockIdx.x, blockIdx.y
+// (spec §9). Keys: the window (positions max(0,p-win+1)..p, from the chunk's
+// fresh rows or the ring), then compressed rows: sel[t][0..cnt[t]) when sel is
+// given, else rows 0..vis[t]-1 (or none when rows is null). K = V.
+// Output tail gets the inverse RoPE at p.
+extern "C" __global__ void sink_attn(const float* q, const float* fresh, const float* ring, const float* rows,
+                                     const int* sel, const int* cnt, const int* vis, int sel_ld, const float* sinks,
+                                     int h_count, int d, int rd, const float* omega, int p0, int win, float scale, float* out) {
+    extern __shared__ float z[];  // one score per key
+    __shared__ float qsh[MAXD];
+    __shared__ float sh[32];
+    int t = blockIdx.x, h = blockIdx.y;
+    int p = p0 + t;
+    const float* qh = q + ((u64)t * h_count + h) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) qsh[i] = qh[i];
+    __syncthreads();
+    int lo = p + 1 - win;
+    if (lo < 0) lo = 0;
+    int nwin = p - lo + 1;
+    int ncomp = 0;
+    if (rows) ncomp = sel ? cnt[t] : vis[t];
+    int nk = nwin + ncomp;
+    int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int j = wp; j < nk; j += nw) {
+        const float* k;
+        if (j < nwin) {
+            int qp = lo + j;
+            k = (qp >= p0) ? fresh + (u64)(qp - p0) * d : ring + (u64)(qp % win) * d;
+        } else {
+            int ri = sel ? sel[(u64)t * sel_ld + (j - nwin)] : (j - nwin);
+            k = rows + (u64)ri * d;
+        }
+        float s = 0.f;
+        for (int i = lane; i < d; i += 32) s += qsh[i] * k[i];
+        s = warp_sum(s);
+        if (lane == 0) z[j] = s * scale;
+    }
+    __syncthreads();
+    float mx = NEG_INF;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) mx = fmaxf(mx, z[j]);
+    mx = block_max(mx, sh);
+    float den = 0.f;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) {
+        float e = expf(z[j] - mx);
+        z[j] = e;
+        den += e;
+    }
+    den = block_sum(den, sh) + expf(sinks[h] - mx);
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < nk; j++) {
+            const float* k;
+            if (j < nwin) {
+                int qp = lo + j;
+                k = (qp >= p0) ? fresh + (u64)(qp - p0) * d : ring + (u64)(qp % win) * d;
+            } else {
+                int ri = sel ? sel[(u64)t * sel_ld + (j - nwin)] : (j - nwin);
+                k = rows + (u64)ri * d;
+            }
+            acc += z[j] * k[i];
+        }
+        qsh[i] = acc / den;
+    }
+    __syncthreads();
+    rope_shared(qsh, d, rd, omega, p, true);
+    float* o = out + ((u64)t * h_count + h) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = qsh[i];
+}

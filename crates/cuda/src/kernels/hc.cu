@@ -1,0 +1,140 @@
+// Hyper-connections, norms and embedding (spec §5, §0). One block per token.
+
+// x[t][j][:] = embed[tok[t]] for all M streams. type: 0 f32, 1 f16, 2 bf16.
+extern "C" __global__ void embed_rows(const u8* E, int type, const int* tok, int d, int m, float* x) {
+    int t = blockIdx.x;
+    u64 row = (u64)tok[t];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v;
+        if (type == 0) v = ((const float*)E)[row * d + i];
+        else if (type == 1) v = h2f(((const u16*)E)[row * d + i]);
+        else v = bf2f(((const u16*)E)[row * d + i]);
+        for (int j = 0; j < m; j++) x[((u64)t * m + j) * d + i] = v;
+    }
+}
+
+// In-place RMSNorm of `rows` rows of width d; w may be null (unweighted).
+extern "C" __global__ void rmsnorm_rows(float* x, const float* w, int d, float eps) {
+    __shared__ float sh[32];
+    float* r = x + (u64)blockIdx.x * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += r[i] * r[i];
+    ss = block_sum(ss, sh);
+    float inv = 1.f / sqrtf(ss / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = r[i] * inv * (w ? w[i] : 1.f);
+}
+
+// HcPre tail: from the (2+m)m mixes (fn . x, already computed) to the
+// normalised sub-block input a[t] and the post/comb weights hw[t] (m + m*m).
+extern "C" __global__ void hc_pre(const float* x, const float* mixes, const float* scale, const float* base,
+                                  const float* norm_w, int d, int m, int iters, float hc_eps, float rms_eps,
+                                  float* a, float* hw) {
+    __shared__ float sh[32];
+    __shared__ float pre[16], mix[96], comb[64];
+    int t = blockIdx.x;
+    const float* xt = x + (u64)t * m * d;
+    int md = m * d, nmix = (2 + m) * m;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < md; i += blockDim.x) ss += xt[i] * xt[i];
+    ss = block_sum(ss, sh);
+    float r = 1.f / sqrtf(ss / (float)md + rms_eps);
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < nmix; i++) mix[i] = mixes[(u64)t * nmix + i] * r;
+        float* out = hw + (u64)t * (m + m * m);
+        for (int j = 0; j < m; j++) {
+            pre[j] = 1.f / (1.f + expf(-(mix[j] * scale[0] + base[j]))) + hc_eps;
+            out[j] = 2.f / (1.f + expf(-(mix[m + j] * scale[1] + base[m + j])));
+        }
+        for (int i = 0; i < m * m; i++) comb[i] = mix[2 * m + i] * scale[2] + base[2 * m + i];
+        // Sinkhorn: row softmax + eps, column normalise, then (iters-1) x (row, column)
+        for (int j = 0; j < m; j++) {
+            float mx = NEG_INF;
+            for (int k = 0; k < m; k++) mx = fmaxf(mx, comb[j * m + k]);
+            float s = 0.f;
+            for (int k = 0; k < m; k++) { comb[j * m + k] = expf(comb[j * m + k] - mx); s += comb[j * m + k]; }
+            for (int k = 0; k < m; k++) comb[j * m + k] = comb[j * m + k] / s + hc_eps;
+        }
+        for (int it = 0; it < iters; it++) {
+            if (it > 0) {
+                for (int j = 0; j < m; j++) {
+                    float s = 0.f;
+                    for (int k = 0; k < m; k++) s += comb[j * m + k];
+                    for (int k = 0; k < m; k++) comb[j * m + k] /= s + hc_eps;
+                }
+            }
+            for (int k = 0; k < m; k++) {
+                float s = 0.f;
+                for (int j = 0; j < m; j++) s += comb[j * m + k];
+                for (int j = 0; j < m; j++) comb[j * m + k] /= s + hc_eps;
+            }
+        }
+        for (int i = 0; i < m * m; i++) out[m + i] = comb[i];
+    }
+    __syncthreads();
+    float* at = a + (u64)t * d;
+    float ss2 = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = 0.f;
+        for (int j = 0; j < m; j++) v += pre[j] * xt[(u64)j * d + i];
+        at[i] = v;
+        ss2 += v * v;
+    }
+    ss2 = block_sum(ss2, sh);
+    float inv = 1.f / sqrtf(ss2 / (float)d + rms_eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) at[i] = at[i] * inv * norm_w[i];
+}
+
+// HcPost in place: x[t][k] = post[k] f[t] + sum_j comb[j][k] x[t][j].
+extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, int d, int m) {
+    int t = blockIdx.x;
+    const float* w = hw + (u64)t * (m + m * m);
+    float* xt = x + (u64)t * m * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float r[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) r[j] = (j < m) ? xt[(u64)j * d + i] : 0.f;
+        float fi = f[(u64)t * d + i];
+        for (int k = 0; k < m; k++) {
+            float v = w[k] * fi;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (j < m) v += w[m + j * m + k] * r[j];
+            xt[(u64)k * d + i] = v;
+        }
+    }
+}
+
+// HcHead + final RMSNorm: y[t] = RMSNorm(sum_j w_j X[j], norm), w from m mixes.
+extern "C" __global__ void hc_head(const float* x, const float* mixes, const float* scale, const float* base,
+                                   const float* norm_w, int d, int m, float hc_eps, float rms_eps, float* y) {
+    __shared__ float sh[32];
+    __shared__ float w[16];
+    int t = blockIdx.x;
+    const float* xt = x + (u64)t * m * d;
+    int md = m * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < md; i += blockDim.x) ss += xt[i] * xt[i];
+    ss = block_sum(ss, sh);
+    float r = 1.f / sqrtf(ss / (float)md + rms_eps);
+    if (threadIdx.x < m) {
+        float mx = mixes[(u64)t * m + threadIdx.x] * r;
+        w[threadIdx.x] = 1.f / (1.f + expf(-(mx * scale[0] + base[threadIdx.x]))) + hc_eps;
+    }
+    __syncthreads();
+    float* yt = y + (u64)t * d;
+    float ss2 = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = 0.f;
+        for (int j = 0; j < m; j++) v += w[j] * xt[(u64)j * d + i];
+        yt[i] = v;
+        ss2 += v * v;
+    }
+    ss2 = block_sum(ss2, sh);
+    float inv = 1.f / sqrtf(ss2 / (float)d + rms_eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yt[i] = yt[i] * inv * norm_w[i];
+}
+
+// MTP input: x[j] = pe + ph[j] (e_proj broadcast over streams).
+extern "C" __global__ void mtp_combine(const float* pe, const float* ph, int d, int m, float* x) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < m * d; i += gridDim.x * blockDim.x) x[i] = pe[i % d] + ph[i];
+}
