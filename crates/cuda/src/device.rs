@@ -16,11 +16,12 @@ use sha1::{Digest, Sha1};
 
 use crate::error::{CudaError, Result};
 
-const SOURCES: [(&str, &str); 4] = [
+const SOURCES: [(&str, &str); 5] = [
     ("matvec.cu", include_str!("kernels/matvec.cu")),
     ("hc.cu", include_str!("kernels/hc.cu")),
     ("attn.cu", include_str!("kernels/attn.cu")),
     ("moe.cu", include_str!("kernels/moe.cu")),
+    ("synth.cu", include_str!("kernels/synth.cu")),
 ];
 
 fn drv(what: &str) -> impl FnOnce(cu::DriverError) -> CudaError + '_ {
@@ -57,6 +58,9 @@ pub struct Gpu {
     module: sys::CUmodule,
     funcs: std::cell::RefCell<HashMap<String, sys::CUfunction>>,
     pub allocated: std::cell::Cell<usize>,
+    capturing: std::cell::Cell<bool>,
+    /// per-kernel (seconds, launches) when profiling (synchronises every launch)
+    pub profile: std::cell::RefCell<Option<HashMap<String, (f64, u64)>>>,
 }
 
 // The context is made current on whichever thread uses the Gpu (see `bind`);
@@ -96,7 +100,7 @@ impl Gpu {
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(drv("cuStreamCreate"))?;
         let cubin = compile((major, minor))?;
         let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(drv("cuModuleLoadData"))?;
-        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, module, funcs: Default::default(), allocated: 0.into() })
+        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default() })
     }
 
     /// Make this GPU's context current on the calling thread.
@@ -209,12 +213,64 @@ impl Gpu {
             }
             .map_err(drv("cuFuncSetAttribute"))?;
         }
+        let profiling = !self.capturing.get() && self.profile.borrow().is_some();
+        let t0 = if profiling {
+            self.sync()?;
+            Some(std::time::Instant::now())
+        } else {
+            None
+        };
         unsafe { cu::launch_kernel(f, grid, block, shmem, self.stream, params) }
             .map_err(|e| CudaError::Driver(format!("launch of `{name}` grid {grid:?} block {block:?}: {e:?}")))?;
-        if std::env::var_os("DSV4_CUDA_SYNC").is_some() {
+        if let Some(t0) = t0 {
+            self.sync()?;
+            let dt = t0.elapsed().as_secs_f64();
+            if let Some(p) = self.profile.borrow_mut().as_mut() {
+                let e = p.entry(name.to_string()).or_insert((0.0, 0));
+                e.0 += dt;
+                e.1 += 1;
+            }
+        }
+        if !self.capturing.get() && std::env::var_os("DSV4_CUDA_SYNC").is_some() {
             self.sync().map_err(|e| CudaError::Driver(format!("after `{name}`: {e}")))?;
         }
         Ok(())
+    }
+}
+
+/// An instantiated CUDA graph (destroyed on drop).
+pub struct Graph {
+    exec: sys::CUgraphExec,
+    graph: sys::CUgraph,
+}
+
+// Graph handles belong to the Gpu's context, used from one thread at a time.
+unsafe impl Send for Graph {}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = cu::graph::exec_destroy(self.exec);
+            let _ = cu::graph::destroy(self.graph);
+        }
+    }
+}
+
+impl Gpu {
+    pub fn begin_capture(&self) -> Result<()> {
+        unsafe { cu::stream::begin_capture(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }
+            .map_err(drv("cuStreamBeginCapture"))?;
+        self.capturing.set(true);
+        Ok(())
+    }
+    pub fn end_capture(&self) -> Result<Graph> {
+        self.capturing.set(false);
+        let graph = unsafe { cu::stream::end_capture(self.stream) }.map_err(drv("cuStreamEndCapture"))?;
+        let exec = unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }.map_err(drv("cuGraphInstantiate"))?;
+        Ok(Graph { exec, graph })
+    }
+    pub fn launch_graph(&self, g: &Graph) -> Result<()> {
+        unsafe { cu::graph::launch(g.exec, self.stream) }.map_err(drv("cuGraphLaunch"))
     }
 }
 

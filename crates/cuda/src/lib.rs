@@ -10,6 +10,8 @@
 pub mod device;
 pub mod error;
 pub mod model;
+pub mod synthetic;
+pub mod bench;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -82,12 +84,12 @@ impl Backend for CudaBackend {
         Ok(self.gpu_model.mtp_eval(st, hidden, token)?)
     }
     fn reset(&mut self) {
-        // Allocation failure here would leave the old state; report through the next eval.
-        if let Ok(s) = self.gpu_model.new_state() {
-            self.state = s;
-        }
-        if let Ok(s) = self.gpu_model.new_mtp_state() {
-            self.mtp_state = s;
+        // In place, so captured decode graphs stay valid. A failure here (a dead
+        // context) surfaces again at the next eval, which returns the error.
+        let _ = self.gpu_model.gpu.bind();
+        let _ = self.gpu_model.reset_state(&mut self.state);
+        if let Some(m) = self.mtp_state.as_mut() {
+            let _ = self.gpu_model.reset_state(m);
         }
     }
     fn name(&self) -> &'static str {

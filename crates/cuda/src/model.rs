@@ -144,15 +144,20 @@ pub struct GLayerState {
 }
 
 pub struct GState {
+    /// the captured decode step for this state's buffers (dropped with them)
+    pub graph: Option<crate::device::Graph>,
     pub pos: usize,
+    /// the same position on the device (kernels read it, so a captured decode
+    /// step replays correctly at every position)
+    pub pos_dev: DevBuf,
     pub layers: Vec<GLayerState>,
 }
 
 /// Activation scratch for up to `n` tokens per pass.
-struct Scratch {
+pub(crate) struct Scratch {
     n: usize,
     tok: DevBuf,
-    x: DevBuf,
+    pub(crate) x: DevBuf,
     mixes: DevBuf,
     hw: DevBuf,
     a: DevBuf,
@@ -184,7 +189,7 @@ struct Scratch {
     ysh: DevBuf,
     y: DevBuf,
     head_y: DevBuf,
-    logits: DevBuf,
+    pub(crate) logits: DevBuf,
     mtp_e: DevBuf,
     mtp_pe: DevBuf,
     mtp_h: DevBuf,
@@ -195,17 +200,19 @@ pub struct GpuModel {
     pub gpu: Gpu,
     pub cfg: Config,
     pub ctx: usize,
-    embed: GMat,
-    output: GMat,
-    output_norm: DevBuf,
-    hc_head: GHc,
+    pub(crate) embed: GMat,
+    pub(crate) output: GMat,
+    pub(crate) output_norm: DevBuf,
+    pub(crate) hc_head: GHc,
     pub blocks: Vec<GBlock>,
     pub mtp: Option<GMtp>,
-    omega_plain: DevBuf,
-    omega_yarn: DevBuf,
-    s: Scratch,
+    pub(crate) omega_plain: DevBuf,
+    pub(crate) omega_yarn: DevBuf,
+    pub(crate) s: Scratch,
     /// test-only ablation, mirrors `Model::ablate_kv_fp8`
     pub ablate_kv_fp8: bool,
+    /// capture decode steps as CUDA graphs (env DSV4_CUDA_GRAPHS=0 turns it off)
+    pub use_graphs: bool,
 }
 
 fn vec_up(gpu: &Gpu, v: &[f32]) -> Result<DevBuf> {
@@ -275,7 +282,7 @@ impl GpuModel {
     /// Upload the model's weights and allocate state scratch for `ctx` tokens,
     /// processing at most `max_chunk` tokens per pass.
     pub fn new(gpu: Gpu, cfg: &Config, w: &Weights, ctx: usize, max_chunk: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<GpuModel> {
-        if cfg.hc > 8 || cfg.head_dim > 1024 || cfg.index_head_dim > 1024 || cfg.n_experts_used > 16 || (2 + cfg.hc) * cfg.hc > 96 {
+        if cfg.hc > 8 || cfg.n_experts > 1024 || cfg.head_dim > 1024 || cfg.index_head_dim > 1024 || cfg.n_experts_used > 16 || (2 + cfg.hc) * cfg.hc > 96 {
             return Err(CudaError::Unsupported("model shape exceeds the CUDA kernels' limits".into()));
         }
         let total = w.blocks.len() + 2;
@@ -323,19 +330,38 @@ impl GpuModel {
             omega_yarn,
             s,
             ablate_kv_fp8: false,
+            use_graphs: std::env::var("DSV4_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true),
         })
     }
 
     pub fn new_state(&self) -> Result<GState> {
         let layers = self.blocks.iter().map(|b| self.layer_state(b)).collect::<Result<Vec<_>>>()?;
-        Ok(GState { pos: 0, layers })
+        Ok(GState { graph: None, pos: 0, pos_dev: self.gpu.alloc_zeroed(4)?, layers })
     }
 
     pub fn new_mtp_state(&self) -> Result<Option<GState>> {
         match &self.mtp {
-            Some(m) => Ok(Some(GState { pos: 0, layers: vec![self.layer_state(&m.block)?] })),
+            Some(m) => Ok(Some(GState { graph: None, pos: 0, pos_dev: self.gpu.alloc_zeroed(4)?, layers: vec![self.layer_state(&m.block)?] })),
             None => Ok(None),
         }
+    }
+
+    /// Back to position 0 without reallocating (captured graphs stay valid).
+    pub fn reset_state(&self, st: &mut GState) -> Result<()> {
+        let g = &self.gpu;
+        st.pos = 0;
+        g.memset(st.pos_dev.ptr, 0, 4)?;
+        for l in &st.layers {
+            g.memset(l.ring.ptr, 0, l.ring.bytes)?;
+            for b in [&l.rows, &l.comp_kv, &l.idx_rows, &l.idx_kv].into_iter().flatten() {
+                g.memset(b.ptr, 0, b.bytes)?;
+            }
+            for b in [&l.comp_sc, &l.idx_sc].into_iter().flatten() {
+                let n = (b.bytes / F) as i32;
+                launch!(g, "fill_f32", ((n as u32).div_ceil(256).min(4096), 1, 1), (256, 1, 1), 0; b.ptr, n, f32::NEG_INFINITY)?;
+            }
+        }
+        g.sync()
     }
 
     fn layer_state(&self, b: &GBlock) -> Result<GLayerState> {
@@ -380,9 +406,12 @@ impl GpuModel {
         while done < n {
             let left = n - done;
             let nt = if left >= 8 { 8 } else if left >= 4 { 4 } else if left >= 2 { 2 } else { 1 };
-            let name = format!("mv_{suffix}_{nt}");
-            let grid = (w.rows.div_ceil(4) as u32, 1, 1);
-            launch!(self.gpu, &name, grid, (128, 1, 1), 0;
+            // few long rows (HC mixes, small projections): a whole block per row
+            // splits the columns, otherwise one warp per row
+            let split = w.rows < 2048;
+            let name = format!("mv{}_{suffix}_{nt}", if split { "k" } else { "" });
+            let (grid, block) = if split { ((w.rows as u32, 1, 1), (256, 1, 1)) } else { ((w.rows.div_ceil(4) as u32, 1, 1), (128, 1, 1)) };
+            launch!(self.gpu, &name, grid, block, 0;
                 w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32,
                 x + (done * xs * F) as u64, xs as i32, y + (done * ys * F) as u64, ys as i32, nt.min(left) as i32,
                 0u64, 0u64, 1i32)?;
@@ -423,14 +452,19 @@ impl GpuModel {
 
     /// Logits of one token's HC state at x (main head or the MTP's).
     fn head(&self, hc: &GHc, norm: u64, x: u64) -> Result<Vec<f32>> {
+        self.enqueue_head(hc, norm, x)?;
+        self.gpu.read_f32(self.s.logits.ptr, self.cfg.vocab)
+    }
+
+    /// Queue the head computation; logits land in the scratch `logits` buffer.
+    pub(crate) fn enqueue_head(&self, hc: &GHc, norm: u64, x: u64) -> Result<()> {
         let c = self.cfg.clone();
         let md = c.hc * c.dim;
         let (mixes, hy, logits) = (self.s.mixes.ptr, self.s.head_y.ptr, self.s.logits.ptr);
         self.mv(hc.fn_.r(), x, md, mixes, c.hc, 1)?;
         launch!(self.gpu, "hc_head", (1, 1, 1), (256, 1, 1), 0;
             x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.hc_eps, c.rms_eps, hy)?;
-        self.mv(self.output.r(), hy, c.dim, logits, c.vocab, 1)?;
-        self.gpu.read_f32(logits, c.vocab)
+        self.mv(self.output.r(), hy, c.dim, logits, c.vocab, 1)
     }
 
     /// Main model: consume `tokens` at `st.pos`.
@@ -456,8 +490,11 @@ impl GpuModel {
             };
             launch!(self.gpu, "embed_rows", (n as u32, 1, 1), (256, 1, 1), 0;
                 self.embed.buf.ptr, ety, self.s.tok.ptr, c.dim as i32, c.hc as i32, self.s.x.ptr)?;
-            for (l, b) in self.blocks.iter().enumerate() {
-                self.block_forward(b, &mut st.layers[l], n, st.pos, self.s.x.ptr)?;
+            if n == 1 && self.use_graphs {
+                // decode step: replay (or capture) the whole step as one CUDA graph
+                self.decode_step_graph(st)?;
+            } else {
+                self.enqueue_blocks(st, n)?;
             }
             st.pos += n;
             if want.hidden {
@@ -474,6 +511,30 @@ impl GpuModel {
             done += n;
         }
         Ok(out)
+    }
+
+    fn enqueue_blocks(&self, st: &mut GState, n: usize) -> Result<()> {
+        let pp = st.pos_dev.ptr;
+        for (l, b) in self.blocks.iter().enumerate() {
+            self.block_forward(b, &mut st.layers[l], n, st.pos, pp, self.s.x.ptr)?;
+        }
+        launch!(self.gpu, "advance_pos", (1, 1, 1), (32, 1, 1), 0; pp, n as i32)
+    }
+
+    /// One token through all layers as a CUDA graph, captured on first use for
+    /// this state (its buffers are fixed for its lifetime) and replayed after.
+    fn decode_step_graph(&self, st: &mut GState) -> Result<()> {
+        if st.graph.is_none() {
+            self.gpu.begin_capture()?;
+            let r = self.enqueue_blocks(st, 1);
+            let g = self.gpu.end_capture();
+            r?;
+            st.graph = Some(g?);
+        }
+        match &st.graph {
+            Some(g) => self.gpu.launch_graph(g),
+            None => Err(CudaError::Driver("decode graph missing".into())),
+        }
     }
 
     /// MTP block on hidden state `h` (`[hc][dim]`) and `token` at `mst.pos`.
@@ -500,16 +561,18 @@ impl GpuModel {
             self.mv(mtp.e_proj.r(), e, d, pe, d, 1)?;
             self.mv(mtp.h_proj.r(), hh, d, ph, d, m)?;
             launch!(self.gpu, "mtp_combine", (((m * d) as u32).div_ceil(256), 1, 1), (256, 1, 1), 0; pe, ph, d as i32, m as i32, x)?;
-            self.block_forward(&mtp.block, &mut mst.layers[0], 1, mst.pos, x)?;
+            let pp = mst.pos_dev.ptr;
+            self.block_forward(&mtp.block, &mut mst.layers[0], 1, mst.pos, pp, x)?;
+            launch!(self.gpu, "advance_pos", (1, 1, 1), (32, 1, 1), 0; pp, 1i32)?;
             mst.pos += 1;
             self.head(&mtp.hc_head, mtp.norm.ptr, x)
         }
     }
 
-    fn block_forward(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, x: u64) -> Result<()> {
+    fn block_forward(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64, x: u64) -> Result<()> {
         let d = self.cfg.dim;
         self.hc_pre(&b.hc_attn, b.attn_norm.ptr, x, n)?;
-        self.attention(b, st, n, p0)?;
+        self.attention(b, st, n, p0, pp)?;
         let f = self.s.f.ptr;
         self.hc_post(x, f, n)?;
         self.hc_pre(&b.hc_ffn, b.ffn_norm.ptr, x, n)?;
@@ -519,24 +582,21 @@ impl GpuModel {
         self.hc_post(x, y, n)
     }
 
-    fn compress(&self, cp: &GComp, kvs: u64, scs: u64, rows: u64, n: usize, p0: usize, is_indexer: bool, omega: u64) -> Result<()> {
+    fn compress(&self, cp: &GComp, kvs: u64, scs: u64, rows: u64, n: usize, pp: u64, is_indexer: bool, omega: u64) -> Result<()> {
         let w = cp.coff * cp.d;
         let (a, ckv, csc, pooled) = (self.s.a.ptr, self.s.ckv.ptr, self.s.csc.ptr, self.s.pooled.ptr);
         self.mv(cp.wkv.r(), a, self.cfg.dim, ckv, w, n)?;
         self.mv(cp.wgate.r(), a, self.cfg.dim, csc, w, n)?;
         let r = cp.ratio;
-        let first = p0 / r;
-        let emitted = (p0 + n) / r - first;
+        // upper bound of rows a chunk of n tokens can finish, whatever its position
+        let max_emit = n / r + 1;
         launch!(self.gpu, "comp_update", ((cp.d as u32).div_ceil(128), 1, 1), (128, 1, 1), 0;
-            ckv, csc, cp.ape.ptr, kvs, scs, n as i32, p0 as i32, r as i32, cp.coff as i32, cp.d as i32, pooled)?;
-        if emitted > 0 {
-            launch!(self.gpu, "comp_finish", (emitted as u32, 1, 1), (128, 1, 1), 0;
-                pooled, rows, first as i32, cp.d as i32, self.cfg.rope_dim as i32, omega, cp.norm.ptr, self.cfg.rms_eps, r as i32, is_indexer as i32)?;
-        }
-        Ok(())
+            ckv, csc, cp.ape.ptr, kvs, scs, n as i32, pp, r as i32, cp.coff as i32, cp.d as i32, pooled)?;
+        launch!(self.gpu, "comp_finish", (max_emit as u32, 1, 1), (128, 1, 1), 0;
+            pooled, rows, pp, n as i32, cp.d as i32, self.cfg.rope_dim as i32, omega, cp.norm.ptr, self.cfg.rms_eps, r as i32, is_indexer as i32)
     }
 
-    fn attention(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize) -> Result<()> {
+    fn attention(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64) -> Result<()> {
         let c = self.cfg.clone();
         let (h, hd, rd) = (c.n_heads, c.head_dim, c.rope_dim);
         let omega = self.omega(b.layer);
@@ -546,50 +606,49 @@ impl GpuModel {
         self.rmsnorm_rows(qr, b.q_norm.ptr, c.q_lora_rank, n)?;
         self.mv(b.q_b.r(), qr, c.q_lora_rank, q, h * hd, n)?;
         launch!(self.gpu, "row_finish", ((n * h) as u32, 1, 1), (128, 1, 1), 0;
-            q, hd as i32, h as i32, rd as i32, omega, p0 as i32, 0u64, c.rms_eps, 0i32, 0i32)?;
+            q, hd as i32, h as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 0i32, 0i32)?;
         self.mv(b.kv.r(), a, c.dim, kv, hd, n)?;
         launch!(self.gpu, "row_finish", (n as u32, 1, 1), (128, 1, 1), 0;
-            kv, hd as i32, 1i32, rd as i32, omega, p0 as i32, b.kv_norm.ptr, c.rms_eps, 1i32, self.ablate_kv_fp8 as i32)?;
+            kv, hd as i32, 1i32, rd as i32, omega, pp, b.kv_norm.ptr, c.rms_eps, 1i32, self.ablate_kv_fp8 as i32)?;
         let ratio = c.compress_ratios[b.layer];
         if let (Some(cp), Some(kvs), Some(scs), Some(rows)) = (&b.comp, &st.comp_kv, &st.comp_sc, &st.rows) {
-            self.compress(cp, kvs.ptr, scs.ptr, rows.ptr, n, p0, false, omega)?;
+            self.compress(cp, kvs.ptr, scs.ptr, rows.ptr, n, pp, false, omega)?;
         }
         // visible compressed rows per token
         let mut use_sel = false;
         if ratio != 0 {
-            let vis: Vec<i32> = (0..n).map(|t| ((p0 + t + 1) / ratio) as i32).collect();
-            self.gpu.write_i32(&self.s.vis, 0, &vis)?;
+            launch!(self.gpu, "set_vis", ((n as u32).div_ceil(128), 1, 1), (128, 1, 1), 0; pp, n as i32, ratio as i32, self.s.vis.ptr)?;
         }
         if let (Some(ix), Some(kvs), Some(scs), Some(irows)) = (&b.idx, &st.idx_kv, &st.idx_sc, &st.idx_rows) {
-            self.compress(&ix.comp, kvs.ptr, scs.ptr, irows.ptr, n, p0, true, omega)?;
+            self.compress(&ix.comp, kvs.ptr, scs.ptr, irows.ptr, n, pp, true, omega)?;
             let (ih, id) = (c.index_heads, c.index_head_dim);
             let (iq, iw, vis, scores, sel, cnt) = (self.s.iq.ptr, self.s.iw.ptr, self.s.vis.ptr, self.s.scores.ptr, self.s.sel.ptr, self.s.cnt.ptr);
             self.mv(ix.q_b.r(), qr, c.q_lora_rank, iq, ih * id, n)?;
             launch!(self.gpu, "row_finish", ((n * ih) as u32, 1, 1), (128, 1, 1), 0;
-                iq, id as i32, ih as i32, rd as i32, omega, p0 as i32, 0u64, c.rms_eps, 2i32, 0i32)?;
+                iq, id as i32, ih as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 2i32, 0i32)?;
             self.mv(ix.proj.r(), a, c.dim, iw, ih, n)?;
             let wscale = (id as f32).powf(-0.5) * (ih as f32).powf(-0.5);
-            let max_vis = (p0 + n) / ratio;
             let ld = self.ctx / ratio + 1;
-            if max_vis > c.index_topk {
-                let blocks_x = (max_vis.div_ceil(64)) as u32;
-                launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), (ih * id * F) as u32;
-                    iq, iw, irows.ptr, vis, ih as i32, id as i32, wscale, scores, ld as i32)?;
-            }
+            // fixed grid (grid-stride inside) so the launch is position independent
+            let blocks_x = (ld.div_ceil(8) as u32).min(264);
+            launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), (ih * id * F) as u32;
+                iq, iw, irows.ptr, vis, ih as i32, id as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
             launch!(self.gpu, "topk_select", (n as u32, 1, 1), (1024, 1, 1), 0;
                 scores, ld as i32, vis, c.index_topk as i32, sel, cnt)?;
             use_sel = true;
         }
         // attention over window + compressed rows
-        let max_keys = c.window + if ratio == 0 { 0 } else if use_sel { c.index_topk } else { (p0 + n) / ratio };
+        // key-count bound from the capacity, not the position (graph replay)
+        let _ = p0;
+        let max_keys = c.window + if ratio == 0 { 0 } else if use_sel { c.index_topk } else { self.ctx / ratio + 1 };
         let rows_ptr = st.rows.as_ref().map(|r| r.ptr).unwrap_or(0);
         let (sel_ptr, sel_ld) = if use_sel { (self.s.sel.ptr, c.index_topk) } else { (0u64, 0) };
         let scale = (hd as f32).powf(-0.5);
         launch!(self.gpu, "sink_attn", (n as u32, h as u32, 1), (256, 1, 1), (max_keys * F) as u32;
             q, kv, st.ring.ptr, rows_ptr, sel_ptr, self.s.cnt.ptr, self.s.vis.ptr, sel_ld as i32, b.sinks.ptr,
-            h as i32, hd as i32, rd as i32, omega, p0 as i32, c.window as i32, scale, o)?;
+            h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o)?;
         let stored = n.min(c.window);
-        launch!(self.gpu, "ring_store", (stored as u32, 1, 1), (128, 1, 1), 0; kv, st.ring.ptr, n as i32, p0 as i32, c.window as i32, hd as i32)?;
+        launch!(self.gpu, "ring_store", (stored as u32, 1, 1), (128, 1, 1), 0; kv, st.ring.ptr, n as i32, pp, c.window as i32, hd as i32)?;
         // grouped low-rank output projection
         let (g, ro) = (c.o_groups, c.o_lora_rank);
         let gw = h * hd / g;
@@ -607,7 +666,7 @@ impl GpuModel {
         self.mv(b.gate.r(), a, d, rlog, ne, n)?;
         let bias = b.bias.as_ref().map(|x| x.ptr).unwrap_or(0);
         let tid = b.tid2eid.as_ref().map(|x| x.ptr).unwrap_or(0);
-        launch!(self.gpu, "router", (n as u32, 1, 1), (1, 1, 1), 0;
+        launch!(self.gpu, "router", (n as u32, 1, 1), (256, 1, 1), 0;
             rlog, ne as i32, k as i32, bias, tid, self.s.tok.ptr, c.weights_norm as i32, c.route_scale, eids, ew)?;
         let slots = n * k;
         self.mv_experts(b.gate_exps.r(), a, d, k, g, ff, slots, eids)?;
@@ -633,7 +692,7 @@ impl GpuModel {
 
 
 impl Scratch {
-    fn new(g: &Gpu, c: &Config, ctx: usize, n: usize) -> Result<Scratch> {
+    pub(crate) fn new(g: &Gpu, c: &Config, ctx: usize, n: usize) -> Result<Scratch> {
         let f = |count: usize| g.alloc(count.max(1) * F);
         let (d, m, h, hd) = (c.dim, c.hc, c.n_heads, c.head_dim);
         let k = c.n_experts_used;

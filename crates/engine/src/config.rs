@@ -227,6 +227,67 @@ impl Config {
         Ok(c)
     }
 
+    /// The published DeepSeek V4 Flash shape (spec model.md §1), for synthetic
+    /// full-size benchmarks where no GGUF is at hand. Loading a real file always
+    /// goes through `from_gguf`.
+    pub fn v4_flash() -> Config {
+        let n_layers = 43;
+        let mut compress_ratios = vec![0, 0];
+        for l in 2..n_layers {
+            compress_ratios.push(if l % 2 == 0 { 4 } else { 128 });
+        }
+        compress_ratios.push(0); // MTP block
+        Config {
+            dim: 4096,
+            n_layers,
+            vocab: 129280,
+            n_heads: 64,
+            head_dim: 512,
+            rope_dim: 64,
+            q_lora_rank: 1024,
+            o_groups: 8,
+            o_lora_rank: 1024,
+            n_experts: 256,
+            n_experts_used: 6,
+            n_shared_experts: 1,
+            expert_ff: 2048,
+            n_hash_layers: 3,
+            window: 128,
+            index_heads: 64,
+            index_head_dim: 128,
+            index_topk: 512,
+            hc: 4,
+            sinkhorn_iters: 20,
+            hc_eps: 1e-6,
+            rms_eps: 1e-6,
+            compress_ratios,
+            swiglu_limits: vec![10.0; n_layers + 1],
+            rope_theta: 10000.0,
+            compress_rope_theta: 160000.0,
+            yarn_factor: 16.0,
+            yarn_original_ctx: 65536,
+            yarn_beta_fast: 32.0,
+            yarn_beta_slow: 1.0,
+            route_scale: 1.5,
+            weights_norm: true,
+            n_mtp: 1,
+            context_length: 1 << 20,
+        }
+    }
+
+    /// The same shape with only the first `n` layers (benchmarks on smaller GPUs).
+    pub fn with_layers(&self, n: usize) -> Config {
+        let mut c = self.clone();
+        let n = n.min(self.n_layers);
+        c.n_layers = n;
+        c.compress_ratios = self.compress_ratios[..n].to_vec();
+        c.compress_ratios.push(0);
+        c.swiglu_limits = self.swiglu_limits[..n].to_vec();
+        c.swiglu_limits.push(self.swiglu_limits.last().copied().unwrap_or(10.0));
+        c.n_hash_layers = c.n_hash_layers.min(n);
+        c
+    }
+
     /// Structural checks the forward pass relies on.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(EngineError::Config(msg));
@@ -282,6 +343,9 @@ impl Config {
                 ));
             }
         }
+        if self.compress_ratios.len() < self.n_layers || self.swiglu_limits.len() < self.n_layers {
+            return bad("compress_ratios / swiglu limits shorter than the layer count".into());
+        }
         for (i, &r) in self.compress_ratios.iter().enumerate() {
             if i >= self.n_layers && r != 0 {
                 return bad(format!("MTP layer compress ratio {r}: only window-only MTP blocks are supported"));
@@ -332,5 +396,23 @@ impl Config {
             }
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_flash_validates_and_counts_state() {
+        let c = Config::v4_flash();
+        c.validate().unwrap();
+        assert_eq!(c.compress_ratios.iter().filter(|&&r| r == 4).count(), 21);
+        assert_eq!(c.compress_ratios.iter().filter(|&&r| r == 128).count(), 20);
+        // spec §14: 3440 values per token of growing state
+        assert_eq!(c.state_values_per_token(), 3440.0);
+        let c3 = c.with_layers(3);
+        c3.validate().unwrap();
+        assert_eq!(c3.compress_ratios, vec![0, 0, 4, 0]);
     }
 }

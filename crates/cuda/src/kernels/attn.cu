@@ -61,12 +61,12 @@ __device__ void rms_shared(float* r, int d, const float* w, float eps, float* sh
 // mode 0: q head (unweighted RMS + RoPE); 1: kv row (RMSNorm w + RoPE + FP8 on
 // the non-RoPE dims unless skip_fp8); 2: indexer q head (RoPE + Hadamard + FP4).
 // Row b belongs to token b / per_tok at position p0 + b / per_tok.
-extern "C" __global__ void row_finish(float* x, int d, int per_tok, int rd, const float* omega, int p0, const float* w,
+extern "C" __global__ void row_finish(float* x, int d, int per_tok, int rd, const float* omega, const int* p0p, const float* w,
                                       float eps, int mode, int skip_fp8) {
     __shared__ float r[MAXD];
     __shared__ float sh[32];
     float* row = x + (u64)blockIdx.x * d;
-    int pos = p0 + blockIdx.x / per_tok;
+    int pos = *p0p + blockIdx.x / per_tok;
     for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = row[i];
     __syncthreads();
     if (mode == 0) rms_shared(r, d, 0, eps, sh);
@@ -85,9 +85,10 @@ extern "C" __global__ void row_finish(float* x, int d, int per_tok, int rd, cons
 // kv/sc: [n][coff*d] projections; ape: [ratio][coff*d]; state kvs/scs:
 // [slots][coff*d]; pooled rows written to out[e][d] for the e-th emission.
 extern "C" __global__ void comp_update(const float* kv, const float* sc, const float* ape, float* kvs, float* scs, int n,
-                                       int p0, int ratio, int coff, int d, float* out) {
+                                       const int* p0p, int ratio, int coff, int d, float* out) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= d) return;
+    int p0 = *p0p;
     int w = coff * d;
     int e = 0;
     for (int t = 0; t < n; t++) {
@@ -141,13 +142,18 @@ extern "C" __global__ void comp_update(const float* kv, const float* sc, const f
     }
 }
 
-// Finish emitted rows: RMSNorm, RoPE at row*ratio, then FP8 (attention rows)
-// or Hadamard + FP4 (indexer rows); row e goes to rows[first_row + e].
-extern "C" __global__ void comp_finish(const float* pooled, float* rows, int first_row, int d, int rd, const float* omega,
+// Finish the rows emitted by a chunk of n tokens: RMSNorm, RoPE at row*ratio,
+// then FP8 (attention rows) or Hadamard + FP4 (indexer rows); emission e goes
+// to rows[p0/ratio + e]. The grid may be larger than the emission count (CUDA
+// graphs fix it): surplus blocks exit.
+extern "C" __global__ void comp_finish(const float* pooled, float* rows, const int* p0p, int n, int d, int rd, const float* omega,
                                        const float* norm_w, float eps, int ratio, int is_indexer) {
     __shared__ float r[MAXD];
     __shared__ float sh[32];
     int e = blockIdx.x;
+    int p0 = *p0p;
+    int first_row = p0 / ratio;
+    if (e >= (p0 + n) / ratio - first_row) return;
     for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = pooled[(u64)e * d + i];
     __syncthreads();
     rms_shared(r, d, norm_w, eps, sh);
@@ -162,9 +168,10 @@ extern "C" __global__ void comp_finish(const float* pooled, float* rows, int fir
 }
 
 // ring[(p0+t) % win] = kv[t] for the chunk's last min(n, win) rows.
-extern "C" __global__ void ring_store(const float* kv, float* ring, int n, int p0, int win, int d) {
+extern "C" __global__ void ring_store(const float* kv, float* ring, int n, const int* p0p, int win, int d) {
     int t = n - 1 - blockIdx.x;  // one block per stored row
     if (t < 0) return;
+    int p0 = *p0p;
     int slot = (p0 + t) % win;
     for (int i = threadIdx.x; i < d; i += blockDim.x) ring[(u64)slot * d + i] = kv[(u64)t * d + i];
 }
@@ -172,10 +179,11 @@ extern "C" __global__ void ring_store(const float* kv, float* ring, int n, int p
 // Indexer scores for token t (blockIdx.y): score_i = sum_h w_h relu(q_h . K_i)
 // for visible rows i < vis[t]; one warp per row, lanes split the heads.
 extern "C" __global__ void index_scores(const float* q, const float* wts, const float* krows, const int* vis, int ih,
-                                        int id, float wscale, float* scores, int ld) {
+                                        int id, float wscale, float* scores, int ld, int k) {
     extern __shared__ float qs[];  // ih * id
     int t = blockIdx.y;
     int v = vis[t];
+    if (v <= k) return;  // every visible row is selected; no scores needed
     const float* qt = q + (u64)t * ih * id;
     for (int i = threadIdx.x; i < ih * id; i += blockDim.x) qs[i] = qt[i];
     __syncthreads();
@@ -289,11 +297,12 @@ extern "C" __global__ void topk_select(const float* scores, int ld, const int* v
 // Output tail gets the inverse RoPE at p.
 extern "C" __global__ void sink_attn(const float* q, const float* fresh, const float* ring, const float* rows,
                                      const int* sel, const int* cnt, const int* vis, int sel_ld, const float* sinks,
-                                     int h_count, int d, int rd, const float* omega, int p0, int win, float scale, float* out) {
+                                     int h_count, int d, int rd, const float* omega, const int* p0p, int win, float scale, float* out) {
     extern __shared__ float z[];  // one score per key
     __shared__ float qsh[MAXD];
     __shared__ float sh[32];
     int t = blockIdx.x, h = blockIdx.y;
+    int p0 = *p0p;
     int p = p0 + t;
     const float* qh = q + ((u64)t * h_count + h) * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) qsh[i] = qh[i];
@@ -350,4 +359,14 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
     rope_shared(qsh, d, rd, omega, p, true);
     float* o = out + ((u64)t * h_count + h) * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = qsh[i];
+}
+
+// vis[t] = (p0 + t + 1) / ratio: compressed rows visible to chunk token t.
+extern "C" __global__ void set_vis(const int* p0p, int n, int ratio, int* vis) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < n) vis[t] = (*p0p + t + 1) / ratio;
+}
+// The sequence position lives on the device so a captured decode step can be replayed.
+extern "C" __global__ void advance_pos(int* p0p, int n) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) *p0p += n;
 }

@@ -38,9 +38,39 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
     for (int i = threadIdx.x; i < md; i += blockDim.x) ss += xt[i] * xt[i];
     ss = block_sum(ss, sh);
     float r = 1.f / sqrtf(ss / (float)md + rms_eps);
-    if (threadIdx.x == 0) {
+    float* out = hw + (u64)t * (m + m * m);
+    if (m == 4) {
+        // warp 0: lanes 0..15 hold comb[j][k] (j = lane / 4, k = lane % 4); row
+        // sums are xor-shuffles over 1, 2 and column sums over 4, 8
+        if (threadIdx.x < 32) {
+            int l = threadIdx.x;
+            const float* mx_in = mixes + (u64)t * nmix;
+            if (l < 4) {
+                pre[l] = 1.f / (1.f + expf(-(mx_in[l] * r * scale[0] + base[l]))) + hc_eps;
+                out[l] = 2.f / (1.f + expf(-(mx_in[4 + l] * r * scale[1] + base[4 + l])));
+            }
+            bool valid = l < 16;
+            float c = valid ? mx_in[8 + l] * r * scale[2] + base[8 + l] : 0.f;
+            float mx = fmaxf(c, __shfl_xor_sync(0xffffffffu, c, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float e = expf(c - mx);
+            float s = e + __shfl_xor_sync(0xffffffffu, e, 1);
+            s += __shfl_xor_sync(0xffffffffu, s, 2);
+            c = e / s + hc_eps;
+            for (int it = 0; it < iters; it++) {
+                if (it > 0) {
+                    float rs = c + __shfl_xor_sync(0xffffffffu, c, 1);
+                    rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+                    c = c / (rs + hc_eps);
+                }
+                float cs = c + __shfl_xor_sync(0xffffffffu, c, 4);
+                cs += __shfl_xor_sync(0xffffffffu, cs, 8);
+                c = c / (cs + hc_eps);
+            }
+            if (valid) out[4 + l] = c;
+        }
+    } else if (threadIdx.x == 0) {
         for (int i = 0; i < nmix; i++) mix[i] = mixes[(u64)t * nmix + i] * r;
-        float* out = hw + (u64)t * (m + m * m);
         for (int j = 0; j < m; j++) {
             pre[j] = 1.f / (1.f + expf(-(mix[j] * scale[0] + base[j]))) + hc_eps;
             out[j] = 2.f / (1.f + expf(-(mix[m + j] * scale[1] + base[m + j])));

@@ -23,10 +23,10 @@ __device__ __forceinline__ void fma_x(float (&acc)[NT], const float* x, int xs, 
 }
 
 template <int TY, int NT>
-__device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, int xs, int n, int lane, float (&acc)[NT]) {
+__device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, int xs, int n, int lane, int nl, const u64* grid_tab, const u8* sign_tab, float (&acc)[NT]) {
     if (TY == T_F32) {
         const float* w = (const float*)wr;
-        for (int c = lane * 4; c < cols; c += 128) {
+        for (int c = lane * 4; c < cols; c += 4 * nl) {
             if (c + 3 < cols) {
                 float4 v = *(const float4*)(w + c);
 #pragma unroll
@@ -41,7 +41,7 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
         }
     } else if (TY == T_F16 || TY == T_BF16) {
         // 8 values (16 bytes) per unit when cols % 8 == 0 (checked on the host)
-        for (int c = lane * 8; c < cols; c += 256) {
+        for (int c = lane * 8; c < cols; c += 8 * nl) {
             uint4 v = *(const uint4*)(wr + 2 * c);
             u32 wv[4] = {v.x, v.y, v.z, v.w};
             float f[8];
@@ -61,7 +61,7 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
         }
     } else if (TY == T_Q8_0) {
         int nb = cols / 32;
-        for (int b = lane; b < nb; b += 32) {
+        for (int b = lane; b < nb; b += nl) {
             const u8* blk = wr + b * 34;
             float d = h2f(ld16(blk));
             float q[32];
@@ -86,7 +86,7 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
         }
     } else if (TY == T_Q4_K) {
         int nu = cols / 64;  // 4 chunks of 64 per 256-block
-        for (int u = lane; u < nu; u += 32) {
+        for (int u = lane; u < nu; u += nl) {
             int b = u >> 2, c = u & 3;
             const u8* blk = wr + b * 144;
             float d = h2f(ld16(blk)), dmin = h2f(ld16(blk + 2));
@@ -121,7 +121,7 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
         }
     } else if (TY == T_Q2_K) {
         int nu = cols / 32;  // 8 runs of 32 per 256-block: (half h, shift j)
-        for (int u = lane; u < nu; u += 32) {
+        for (int u = lane; u < nu; u += nl) {
             int b = u >> 3, r = u & 7, h = r >> 2, j = r & 3;
             const u8* blk = wr + b * 84;
             float d = h2f(ld16(blk + 80)), dmin = h2f(ld16(blk + 82));
@@ -151,7 +151,7 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
         }
     } else if (TY == T_IQ2_XXS) {
         int nu = cols / 32;  // 8 groups of 32 per 256-block
-        for (int u = lane; u < nu; u += 32) {
+        for (int u = lane; u < nu; u += nl) {
             int b = u >> 3, g = u & 7;
             const u8* blk = wr + b * 66;
             float d = h2f(ld16(blk));
@@ -162,8 +162,8 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
             float v[32];
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                u64 grid = IQ2XXS_GRID[(a0 >> (8 * k)) & 255];
-                u32 signs = KSIGNS_IQ2XS[(a1 >> (7 * k)) & 127];
+                u64 grid = grid_tab[(a0 >> (8 * k)) & 255];
+                u32 signs = sign_tab[(a1 >> (7 * k)) & 127];
 #pragma unroll
                 for (int m = 0; m < 8; m++) {
                     float mag = (float)((grid >> (8 * m)) & 255);
@@ -189,6 +189,15 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
 template <int TY, int NT>
 __device__ __forceinline__ void mv_body(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, int n,
                                         const int* eids, u64 expert_bytes, int x_group) {
+    // IQ2 tables staged in shared memory: lanes index them randomly, which
+    // constant memory would serialise
+    __shared__ u64 grid_tab[TY == T_IQ2_XXS ? 256 : 1];
+    __shared__ u8 sign_tab[TY == T_IQ2_XXS ? 128 : 1];
+    if (TY == T_IQ2_XXS) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_tab[i] = IQ2XXS_GRID[i];
+        for (int i = threadIdx.x; i < 128; i += blockDim.x) sign_tab[i] = KSIGNS_IQ2XS[i];
+        __syncthreads();
+    }
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
@@ -202,11 +211,54 @@ __device__ __forceinline__ void mv_body(const u8* W, u64 row_bytes, int rows, in
     float acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = 0.f;
-    row_dot<TY, NT>(wr, cols, x, xs, n, lane, acc);
+    row_dot<TY, NT>(wr, cols, x, xs, n, lane, 32, grid_tab, sign_tab, acc);
 #pragma unroll
     for (int t = 0; t < NT; t++) {
         float v = warp_sum(acc[t]);
         if (lane == 0 && t < n) y[(u64)t * ys + row] = v;
+    }
+}
+
+// Split-K variant: one block (256 threads) per row, partial sums reduced in
+// shared memory. For matrices with few long rows (HC mixes, router, small
+// projections), where one warp per row leaves most of the GPU idle.
+template <int TY, int NT>
+__device__ __forceinline__ void mvk_body(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, int n,
+                                         const int* eids, u64 expert_bytes, int x_group) {
+    __shared__ u64 grid_tab[TY == T_IQ2_XXS ? 256 : 1];
+    __shared__ u8 sign_tab[TY == T_IQ2_XXS ? 128 : 1];
+    __shared__ float red[NT][8];
+    if (TY == T_IQ2_XXS) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_tab[i] = IQ2XXS_GRID[i];
+        for (int i = threadIdx.x; i < 128; i += blockDim.x) sign_tab[i] = KSIGNS_IQ2XS[i];
+        __syncthreads();
+    }
+    int row = blockIdx.x;
+    if (eids) {
+        int s = blockIdx.y;
+        W += (u64)eids[s] * expert_bytes;
+        x += (u64)(s / x_group) * xs;
+        y += (u64)s * ys;
+    }
+    const u8* wr = W + (u64)row * row_bytes;
+    float acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t] = 0.f;
+    row_dot<TY, NT>(wr, cols, x, xs, n, threadIdx.x, blockDim.x, grid_tab, sign_tab, acc);
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        float v = warp_sum(acc[t]);
+        if (lane == 0) red[t][w] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float v = (lane < (int)(blockDim.x >> 5)) ? red[t][lane] : 0.f;
+            v = warp_sum(v);
+            if (lane == 0 && t < n) y[(u64)t * ys + row] = v;
+        }
     }
 }
 
@@ -215,8 +267,14 @@ __device__ __forceinline__ void mv_body(const u8* W, u64 row_bytes, int rows, in
                                     int n, const int* eids, u64 expert_bytes, int x_group) {                                  \
         mv_body<TY, NT>(W, row_bytes, rows, cols, x, xs, y, ys, n, eids, expert_bytes, x_group);                              \
     }
-#define MV_TYPE(SUFFIX, TY) \
-    MV_KERNEL(mv_##SUFFIX##_1, TY, 1) MV_KERNEL(mv_##SUFFIX##_2, TY, 2) MV_KERNEL(mv_##SUFFIX##_4, TY, 4) MV_KERNEL(mv_##SUFFIX##_8, TY, 8)
+#define MVK_KERNEL(NAME, TY, NT)                                                                                              \
+    extern "C" __global__ void NAME(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, \
+                                    int n, const int* eids, u64 expert_bytes, int x_group) {                                  \
+        mvk_body<TY, NT>(W, row_bytes, rows, cols, x, xs, y, ys, n, eids, expert_bytes, x_group);                             \
+    }
+#define MV_TYPE(SUFFIX, TY)                                                                                                       \
+    MV_KERNEL(mv_##SUFFIX##_1, TY, 1) MV_KERNEL(mv_##SUFFIX##_2, TY, 2) MV_KERNEL(mv_##SUFFIX##_4, TY, 4) MV_KERNEL(mv_##SUFFIX##_8, TY, 8) \
+    MVK_KERNEL(mvk_##SUFFIX##_1, TY, 1) MVK_KERNEL(mvk_##SUFFIX##_2, TY, 2) MVK_KERNEL(mvk_##SUFFIX##_4, TY, 4) MVK_KERNEL(mvk_##SUFFIX##_8, TY, 8)
 
 MV_TYPE(f32, T_F32)
 MV_TYPE(f16, T_F16)

@@ -2,48 +2,59 @@
 
 // From router logits [n][ne] to (expert id, weight) per slot [n][k], the k
 // slots of a token sorted by expert id so the reduction adds experts in
-// ascending order, like the reference's per-expert loop.
+// ascending order, like the reference's per-expert loop. One block per token:
+// scores in parallel, then warp 0 picks the top k (ties to the lower id).
 extern "C" __global__ void router(const float* logits, int ne, int k, const float* bias, const int* tid2eid, const int* tok,
                                   int norm, float route_scale, int* eids, float* ew) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    // n is encoded by the grid; the host launches exactly n threads in total
+    __shared__ float sc[1024], bs[1024];
+    __shared__ int ids[16];
+    int t = blockIdx.x;
     const float* l = logits + (u64)t * ne;
-    int ids[16];
-    float w[16];
+    for (int e = threadIdx.x; e < ne; e += blockDim.x) {
+        float x = l[e];
+        float s = sqrtf(x > 20.f ? x : log1pf(expf(x)));
+        sc[e] = s;
+        bs[e] = s + (bias ? bias[e] : 0.f);
+    }
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    int lane = threadIdx.x;
     if (tid2eid) {
-        for (int j = 0; j < k; j++) ids[j] = tid2eid[(u64)tok[t] * k + j];
+        if (lane < k) ids[lane] = tid2eid[(u64)tok[t] * k + lane];
     } else {
         for (int j = 0; j < k; j++) {
-            int best = -1;
             float bv = NEG_INF;
-            for (int e = 0; e < ne; e++) {
-                bool used = false;
-                for (int q = 0; q < j; q++) used |= (ids[q] == e);
-                if (used) continue;
-                float x = l[e];
-                float s = sqrtf(x > 20.f ? x : log1pf(expf(x)));
-                float b = s + (bias ? bias[e] : 0.f);
-                if (best < 0 || b > bv) { best = e; bv = b; }
+            int bi = 0x7fffffff;
+            for (int e = lane; e < ne; e += 32) {
+                float v = bs[e];
+                if (v > bv) { bv = v; bi = e; }  // ascending e: strict > keeps the lower id
             }
-            ids[j] = best;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+            }
+            if (lane == 0) { ids[j] = bi; bs[bi] = NEG_INF; }
+            __syncwarp();
         }
     }
-    float sum = 0.f;
-    for (int j = 0; j < k; j++) {
-        float x = l[ids[j]];
-        w[j] = sqrtf(x > 20.f ? x : log1pf(expf(x)));
-        sum += w[j];
-    }
-    for (int j = 0; j < k; j++) w[j] = (norm ? w[j] / sum : w[j]) * route_scale;
-    // insertion sort by expert id
-    for (int a = 1; a < k; a++)
-        for (int b = a; b > 0 && ids[b - 1] > ids[b]; b--) {
-            int ti = ids[b]; ids[b] = ids[b - 1]; ids[b - 1] = ti;
-            float tw = w[b]; w[b] = w[b - 1]; w[b - 1] = tw;
+    __syncwarp();
+    if (lane == 0) {
+        int id[16];
+        float w[16];
+        float sum = 0.f;
+        for (int j = 0; j < k; j++) { id[j] = ids[j]; w[j] = sc[id[j]]; sum += w[j]; }
+        for (int j = 0; j < k; j++) w[j] = (norm ? w[j] / sum : w[j]) * route_scale;
+        for (int a = 1; a < k; a++)
+            for (int b = a; b > 0 && id[b - 1] > id[b]; b--) {
+                int ti = id[b]; id[b] = id[b - 1]; id[b - 1] = ti;
+                float tw = w[b]; w[b] = w[b - 1]; w[b - 1] = tw;
+            }
+        for (int j = 0; j < k; j++) {
+            eids[(u64)t * k + j] = id[j];
+            ew[(u64)t * k + j] = w[j];
         }
-    for (int j = 0; j < k; j++) {
-        eids[(u64)t * k + j] = ids[j];
-        ew[(u64)t * k + j] = w[j];
     }
 }
 
@@ -73,4 +84,8 @@ extern "C" __global__ void moe_reduce(const float* yk, const float* ysh, int k, 
 // x[i] *= s (indexer weight scale etc.)
 extern "C" __global__ void scale_inplace(float* x, float s, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) x[i] *= s;
+}
+
+extern "C" __global__ void fill_f32(float* x, int n, float v) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) x[i] = v;
 }
