@@ -70,6 +70,44 @@ pub fn kv_decode_bytes(c: &Config, ctx: usize) -> u64 {
     b
 }
 
+/// Matvec kernels alone on decode-shaped matrices: GB/s of weight bytes.
+pub fn kernel_bench(m: &GpuModel, print: &mut dyn FnMut(&str)) -> Result<()> {
+    use crate::model::MatRef;
+    let b = &m.blocks[m.blocks.len() - 1];
+    let cases: Vec<(&str, MatRef, usize)> = vec![
+        ("q_b Q8_0 32768x1024", b.q_b.r(), 0),
+        ("o_b Q8_0 4096x8192", b.o_b.r(), 0),
+        ("q_a Q8_0 1024x4096", b.q_a.r(), 0),
+        ("head Q8_0 129280x4096", m.output.r(), 0),
+        ("hc_fn F16 24x16384", b.hc_attn.fn_.r(), 0),
+        ("gate_exps x6 slots", b.gate_exps.r(), 6),
+        ("down_exps x6 slots", b.down_exps.r(), 6),
+    ];
+    let x = m.s.x.ptr; // scratch wide enough for any input row
+    let y = m.s.logits.ptr;
+    for (name, w, slots) in cases {
+        let bytes = if slots > 0 { w.rows * w.row_bytes * slots } else { w.rows * w.row_bytes };
+        let reps = 30;
+        let run = |m: &GpuModel| -> Result<()> {
+            if slots > 0 {
+                m.mv_experts(w, x, 0, 1, y, w.rows, slots, m.s.eids.ptr)
+            } else {
+                m.mv(w, x, w.cols, y, w.rows, 1)
+            }
+        };
+        run(m)?;
+        m.gpu.sync()?;
+        let t = Instant::now();
+        for _ in 0..reps {
+            run(m)?;
+        }
+        m.gpu.sync()?;
+        let dt = t.elapsed().as_secs_f64() / reps as f64;
+        print(&format!("# kernel {name:26} {:8.1} us {:7.0} GB/s", dt * 1e6, bytes as f64 / dt / 1e9));
+    }
+    Ok(())
+}
+
 pub fn run(opts: &BenchOpts, print: &mut dyn FnMut(&str)) -> Result<()> {
     let gpu = Gpu::new(0)?;
     let full = Config::v4_flash();
@@ -83,6 +121,9 @@ pub fn run(opts: &BenchOpts, print: &mut dyn FnMut(&str)) -> Result<()> {
     let wbytes: u64 = (0..cfg.n_layers).map(|l| layer_decode_bytes(&cfg, l, opts.recipe)).sum::<u64>() + head_decode_bytes(&cfg);
     let full_wbytes: u64 = (0..full.n_layers).map(|l| layer_decode_bytes(&full, l, opts.recipe)).sum::<u64>() + head_decode_bytes(&full);
     print(&format!("# decode weight bytes per token: {:.3} GB for these layers, {:.3} GB for the full model", wbytes as f64 / 1e9, full_wbytes as f64 / 1e9));
+    // expert ids for the kernel microbenchmark: 6 distinct experts
+    m.gpu.write_i32(&m.s.eids, 0, &[3, 17, 60, 101, 200, 255])?;
+    kernel_bench(&m, print)?;
     // head alone, to split the step into head + per-layer cost
     let x = m.s.x.ptr;
     m.enqueue_head(&m.hc_head, m.output_norm.ptr, x)?;

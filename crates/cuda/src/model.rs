@@ -62,6 +62,26 @@ impl GMat {
     }
 }
 
+/// Stage rows through shared memory (coalesced 16-byte loads) for the block
+/// formats whose blocks are not 16-byte multiples, when rows are 16-byte
+/// aligned and `rows_per_block` of them fit in 48 KB. Returns (flag, bytes).
+fn stage_for(w: &MatRef, rows_per_block: usize) -> (i32, u32) {
+    if !stage_enabled() {
+        return (0, 0);
+    }
+    let quant = matches!(w.ty, GgmlType::Q8_0 | GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS);
+    if quant && w.row_bytes % 16 == 0 && w.ptr % 16 == 0 && w.row_bytes * rows_per_block <= 48 * 1024 {
+        (1, (w.row_bytes * rows_per_block) as u32)
+    } else {
+        (0, 0)
+    }
+}
+
+fn stage_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DSV4_MV_STAGE").map(|v| v == "1").unwrap_or(false))
+}
+
 fn mv_suffix(ty: GgmlType) -> Option<&'static str> {
     Some(match ty {
         GgmlType::F32 => "f32",
@@ -174,10 +194,13 @@ pub(crate) struct Scratch {
     sel: DevBuf,
     cnt: DevBuf,
     o: DevBuf,
+    part: DevBuf,
     u: DevBuf,
     f: DevBuf,
     rlog: DevBuf,
-    eids: DevBuf,
+    pub(crate) eids: DevBuf,
+    /// 0, 1, 2, ... (identity slot -> matrix map for grouped launches)
+    iota: DevBuf,
     ew: DevBuf,
     g: DevBuf,
     up: DevBuf,
@@ -277,12 +300,14 @@ fn block_up(gpu: &Gpu, b: &Block) -> Result<GBlock> {
 }
 
 const F: usize = 4; // bytes per f32
+/// most key splits of a single-token attention step
+const MAX_SPLIT: usize = 16;
 
 impl GpuModel {
     /// Upload the model's weights and allocate state scratch for `ctx` tokens,
     /// processing at most `max_chunk` tokens per pass.
     pub fn new(gpu: Gpu, cfg: &Config, w: &Weights, ctx: usize, max_chunk: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<GpuModel> {
-        if cfg.hc > 8 || cfg.n_experts > 1024 || cfg.head_dim > 1024 || cfg.index_head_dim > 1024 || cfg.n_experts_used > 16 || (2 + cfg.hc) * cfg.hc > 96 {
+        if cfg.hc > 8 || cfg.n_experts > 1024 || cfg.head_dim > 512 || cfg.head_dim % 128 != 0 || cfg.index_head_dim > 1024 || cfg.n_experts_used > 16 || (2 + cfg.hc) * cfg.hc > 96 {
             return Err(CudaError::Unsupported("model shape exceeds the CUDA kernels' limits".into()));
         }
         let total = w.blocks.len() + 2;
@@ -411,27 +436,29 @@ impl GpuModel {
             let split = w.rows < 2048;
             let name = format!("mv{}_{suffix}_{nt}", if split { "k" } else { "" });
             let (grid, block) = if split { ((w.rows as u32, 1, 1), (256, 1, 1)) } else { ((w.rows.div_ceil(4) as u32, 1, 1), (128, 1, 1)) };
-            launch!(self.gpu, &name, grid, block, 0;
+            let (stage, shmem) = stage_for(&w, if split { 1 } else { 4 });
+            launch!(self.gpu, &name, grid, block, shmem;
                 w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32,
                 x + (done * xs * F) as u64, xs as i32, y + (done * ys * F) as u64, ys as i32, nt.min(left) as i32,
-                0u64, 0u64, 1i32)?;
+                0u64, 0u64, 1i32, stage)?;
             done += nt.min(left);
         }
         Ok(())
     }
 
     /// Expert matvec over `slots` (token, expert) pairs: y[s] = W[eids[s]] x[s / x_group].
-    fn mv_experts(&self, w: MatRef, x: u64, xs: usize, x_group: usize, y: u64, ys: usize, slots: usize, eids: u64) -> Result<()> {
+    pub(crate) fn mv_experts(&self, w: MatRef, x: u64, xs: usize, x_group: usize, y: u64, ys: usize, slots: usize, eids: u64) -> Result<()> {
         let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
         let name = format!("mv_{suffix}_1");
         let grid = (w.rows.div_ceil(4) as u32, slots as u32, 1);
-        launch!(self.gpu, &name, grid, (128, 1, 1), 0;
+        let (stage, shmem) = stage_for(&w, 4);
+        launch!(self.gpu, &name, grid, (128, 1, 1), shmem;
             w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32,
-            x, xs as i32, y, ys as i32, 1i32, eids, w.expert_bytes(), x_group as i32)
+            x, xs as i32, y, ys as i32, 1i32, eids, w.expert_bytes(), x_group as i32, stage)
     }
 
     fn rmsnorm_rows(&self, x: u64, w: u64, d: usize, rows: usize) -> Result<()> {
-        launch!(self.gpu, "rmsnorm_rows", (rows as u32, 1, 1), (256, 1, 1), 0; x, w, d as i32, self.cfg.rms_eps)
+        launch!(self.gpu, "rmsnorm_rows", (rows as u32, 1, 1), (512, 1, 1), 0; x, w, d as i32, self.cfg.rms_eps)
     }
 
     /// HcPre for n tokens: a = RMSNorm(collapse(x)), hw = post/comb.
@@ -441,13 +468,13 @@ impl GpuModel {
         let nmix = (2 + c.hc) * c.hc;
         let (mixes, a, hw) = (self.s.mixes.ptr, self.s.a.ptr, self.s.hw.ptr);
         self.mv(hc.fn_.r(), x, md, mixes, nmix, n)?;
-        launch!(self.gpu, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0;
+        launch!(self.gpu, "hc_pre", (n as u32, 1, 1), (1024, 1, 1), 0;
             x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.sinkhorn_iters as i32, c.hc_eps, c.rms_eps, a, hw)
     }
 
     fn hc_post(&self, x: u64, f: u64, n: usize) -> Result<()> {
         let c = &self.cfg;
-        launch!(self.gpu, "hc_post", (n as u32, 1, 1), (256, 1, 1), 0; x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32)
+        launch!(self.gpu, "hc_post", (n as u32, 1, 1), (1024, 1, 1), 0; x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32)
     }
 
     /// Logits of one token's HC state at x (main head or the MTP's).
@@ -462,7 +489,7 @@ impl GpuModel {
         let md = c.hc * c.dim;
         let (mixes, hy, logits) = (self.s.mixes.ptr, self.s.head_y.ptr, self.s.logits.ptr);
         self.mv(hc.fn_.r(), x, md, mixes, c.hc, 1)?;
-        launch!(self.gpu, "hc_head", (1, 1, 1), (256, 1, 1), 0;
+        launch!(self.gpu, "hc_head", (1, 1, 1), (1024, 1, 1), 0;
             x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.hc_eps, c.rms_eps, hy)?;
         self.mv(self.output.r(), hy, c.dim, logits, c.vocab, 1)
     }
@@ -631,7 +658,7 @@ impl GpuModel {
             let ld = self.ctx / ratio + 1;
             // fixed grid (grid-stride inside) so the launch is position independent
             let blocks_x = (ld.div_ceil(8) as u32).min(264);
-            launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), (ih * id * F) as u32;
+            launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), ((ih * (id + 1) + 8 * id) * F) as u32;
                 iq, iw, irows.ptr, vis, ih as i32, id as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
             launch!(self.gpu, "topk_select", (n as u32, 1, 1), (1024, 1, 1), 0;
                 scores, ld as i32, vis, c.index_topk as i32, sel, cnt)?;
@@ -644,16 +671,31 @@ impl GpuModel {
         let rows_ptr = st.rows.as_ref().map(|r| r.ptr).unwrap_or(0);
         let (sel_ptr, sel_ld) = if use_sel { (self.s.sel.ptr, c.index_topk) } else { (0u64, 0) };
         let scale = (hd as f32).powf(-0.5);
-        launch!(self.gpu, "sink_attn", (n as u32, h as u32, 1), (256, 1, 1), (max_keys * F) as u32;
+        // single-token steps split the keys over several blocks (flash-decoding)
+        let nsplit = if n == 1 { max_keys.div_ceil(64).clamp(1, MAX_SPLIT) } else { 1 };
+        let per = max_keys.div_ceil(nsplit);
+        const HB: usize = 4;
+        let part = self.s.part.ptr;
+        launch!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), (HB * per * F) as u32;
             q, kv, st.ring.ptr, rows_ptr, sel_ptr, self.s.cnt.ptr, self.s.vis.ptr, sel_ld as i32, b.sinks.ptr,
-            h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o)?;
+            h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o, part, per as i32)?;
+        if nsplit > 1 {
+            launch!(self.gpu, "attn_combine", (1, h as u32, 1), (128, 1, 1), 0;
+                part, nsplit as i32, b.sinks.ptr, h as i32, hd as i32, rd as i32, omega, pp, o)?;
+        }
         let stored = n.min(c.window);
         launch!(self.gpu, "ring_store", (stored as u32, 1, 1), (128, 1, 1), 0; kv, st.ring.ptr, n as i32, pp, c.window as i32, hd as i32)?;
         // grouped low-rank output projection
         let (g, ro) = (c.o_groups, c.o_lora_rank);
         let gw = h * hd / g;
-        for gi in 0..g {
-            self.mv(b.o_a.r().rows(gi * ro, ro), o + (gi * gw * F) as u64, h * hd, u + (gi * ro * F) as u64, g * ro, n)?;
+        if n == 1 {
+            // all groups in one launch: group gi is "expert" gi of a stack of
+            // ro-row matrices, input slice gi*gw, output slice gi*ro
+            self.mv_experts(b.o_a.r().rows(0, ro), o, gw, 1, u, ro, g, self.s.iota.ptr)?;
+        } else {
+            for gi in 0..g {
+                self.mv(b.o_a.r().rows(gi * ro, ro), o + (gi * gw * F) as u64, h * hd, u + (gi * ro * F) as u64, g * ro, n)?;
+            }
         }
         self.mv(b.o_b.r(), u, g * ro, f, c.dim, n)
     }
@@ -719,10 +761,12 @@ impl Scratch {
             sel: f(n * c.index_topk.max(1))?,
             cnt: f(n)?,
             o: f(n * h * hd)?,
+            part: f(h * MAX_SPLIT * (hd + 2))?,
             u: f(n * c.o_groups * c.o_lora_rank)?,
             f: f(n * d)?,
             rlog: f(n * c.n_experts)?,
             eids: f(n * k)?,
+            iota: g.upload(&(0..1024i32).collect::<Vec<i32>>())?,
             ew: f(n * k)?,
             g: f(n * k * ff)?,
             up: f(n * k * ff)?,

@@ -180,26 +180,33 @@ extern "C" __global__ void ring_store(const float* kv, float* ring, int n, const
 // for visible rows i < vis[t]; one warp per row, lanes split the heads.
 extern "C" __global__ void index_scores(const float* q, const float* wts, const float* krows, const int* vis, int ih,
                                         int id, float wscale, float* scores, int ld, int k) {
-    extern __shared__ float qs[];  // ih * id
+    // q staged with a padded row stride (id + 1) so lanes (one head each) hit
+    // distinct banks; each warp stages its key row once and reads it broadcast
+    extern __shared__ float qs[];  // ih * (id + 1) + warps * id
     int t = blockIdx.y;
     int v = vis[t];
     if (v <= k) return;  // every visible row is selected; no scores needed
+    int qstride = id + 1;
     const float* qt = q + (u64)t * ih * id;
-    for (int i = threadIdx.x; i < ih * id; i += blockDim.x) qs[i] = qt[i];
+    for (int i = threadIdx.x; i < ih * id; i += blockDim.x) qs[(i / id) * qstride + (i % id)] = qt[i];
     __syncthreads();
     int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    float* ks = qs + ih * qstride + wp * id;
     const float* wt = wts + (u64)t * ih;
     for (int i = blockIdx.x * nw + wp; i < v; i += gridDim.x * nw) {
-        const float* k = krows + (u64)i * id;
+        const float* kr = krows + (u64)i * id;
+        for (int j = lane; j < id; j += 32) ks[j] = kr[j];
+        __syncwarp();
         float acc = 0.f;
         for (int h = lane; h < ih; h += 32) {
-            const float* qh = qs + h * id;
+            const float* qh = qs + h * qstride;
             float s = 0.f;
-            for (int j = 0; j < id; j++) s += qh[j] * k[j];
+            for (int j = 0; j < id; j++) s += qh[j] * ks[j];
             acc += wt[h] * wscale * fmaxf(s, 0.f);
         }
         acc = warp_sum(acc);
         if (lane == 0) scores[(u64)t * ld + i] = acc;
+        __syncwarp();
     }
 }
 
@@ -290,22 +297,44 @@ extern "C" __global__ void topk_select(const float* scores, int ld, const int* v
     if (threadIdx.x == 0) cnt[t] = k;
 }
 
-// Sparse sink attention for row (token t, head h) = blockIdx.x, blockIdx.y
-// (spec §9). Keys: the window (positions max(0,p-win+1)..p, from the chunk's
-// fresh rows or the ring), then compressed rows: sel[t][0..cnt[t]) when sel is
-// given, else rows 0..vis[t]-1 (or none when rows is null). K = V.
-// Output tail gets the inverse RoPE at p.
+// Sparse sink attention (spec §9). Block (token t, head group g, key split z)
+// handles HB heads of the shared K=V key set, so each key row is read once per
+// head group: phase 1 scores (warp per key), phase 2 softmax per head (warp
+// per head), phase 3 P.V (warp per key, lane per 16 dims, cross-warp add in
+// shared). Keys: the window (positions max(0,p-win+1)..p from the chunk's fresh
+// rows or the ring), then compressed rows (sel[t][0..cnt[t]) or 0..vis[t]-1).
+// With one split (gridDim.z == 1) the block writes the final output (inverse
+// RoPE on the tail); otherwise it writes a partial (max, sum, unnormalised o)
+// that attn_combine merges (flash-decoding for single-token steps).
+#define HB 4
+#define ATT_D 512  // head dims the attention kernel supports (multiple of 128)
+__device__ __forceinline__ const float* attn_key(int j, int nwin, int lo, int p0, int win, const float* fresh, const float* ring,
+                                                 const float* rows, const int* selt, int d) {
+    if (j < nwin) {
+        int qp = lo + j;
+        return (qp >= p0) ? fresh + (u64)(qp - p0) * d : ring + (u64)(qp % win) * d;
+    }
+    int ri = selt ? selt[j - nwin] : (j - nwin);
+    return rows + (u64)ri * d;
+}
+
 extern "C" __global__ void sink_attn(const float* q, const float* fresh, const float* ring, const float* rows,
                                      const int* sel, const int* cnt, const int* vis, int sel_ld, const float* sinks,
-                                     int h_count, int d, int rd, const float* omega, const int* p0p, int win, float scale, float* out) {
-    extern __shared__ float z[];  // one score per key
-    __shared__ float qsh[MAXD];
-    __shared__ float sh[32];
-    int t = blockIdx.x, h = blockIdx.y;
+                                     int h_count, int d, int rd, const float* omega, const int* p0p, int win, float scale,
+                                     float* out, float* part, int max_keys) {
+    extern __shared__ float z[];  // HB * max_keys (max_keys = keys per split, bound)
+    __shared__ __align__(16) float qs[HB * ATT_D];
+    __shared__ float oacc[HB * ATT_D];
+    __shared__ float mx_s[HB], den_s[HB];
+    int t = blockIdx.x, g = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     int p0 = *p0p;
     int p = p0 + t;
-    const float* qh = q + ((u64)t * h_count + h) * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) qsh[i] = qh[i];
+    int h0 = g * HB;
+    for (int i = threadIdx.x; i < HB * d; i += blockDim.x) {
+        int h = i / d;
+        qs[i] = (h0 + h < h_count) ? q[((u64)t * h_count + h0 + h) * d + (i % d)] : 0.f;
+        oacc[i] = 0.f;
+    }
     __syncthreads();
     int lo = p + 1 - win;
     if (lo < 0) lo = 0;
@@ -313,52 +342,141 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
     int ncomp = 0;
     if (rows) ncomp = sel ? cnt[t] : vis[t];
     int nk = nwin + ncomp;
+    const int* selt = sel ? sel + (u64)t * sel_ld : 0;
+    int per = (nk + nsplit - 1) / nsplit;
+    int j0 = split * per, j1 = min(nk, j0 + per);
     int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int j = wp; j < nk; j += nw) {
-        const float* k;
-        if (j < nwin) {
-            int qp = lo + j;
-            k = (qp >= p0) ? fresh + (u64)(qp - p0) * d : ring + (u64)(qp % win) * d;
-        } else {
-            int ri = sel ? sel[(u64)t * sel_ld + (j - nwin)] : (j - nwin);
-            k = rows + (u64)ri * d;
+    int nd = d / 128;  // float4 chunks per lane (d is a multiple of 128)
+    // phase 1: scores
+    for (int j = j0 + wp; j < j1; j += nw) {
+        const float* k = attn_key(j, nwin, lo, p0, win, fresh, ring, rows, selt, d);
+        float4 kv[ATT_D / 128];
+#pragma unroll
+        for (int i = 0; i < ATT_D / 128; i++)
+            if (i < nd) kv[i] = *(const float4*)(k + i * 128 + lane * 4);
+#pragma unroll
+        for (int h = 0; h < HB; h++) {
+            float s = 0.f;
+#pragma unroll
+            for (int i = 0; i < ATT_D / 128; i++)
+                if (i < nd) {
+                    float4 qv = *(const float4*)(qs + h * d + i * 128 + lane * 4);
+                    s += qv.x * kv[i].x + qv.y * kv[i].y + qv.z * kv[i].z + qv.w * kv[i].w;
+                }
+            s = warp_sum(s);
+            if (lane == 0) z[h * max_keys + (j - j0)] = s * scale;
         }
-        float s = 0.f;
-        for (int i = lane; i < d; i += 32) s += qsh[i] * k[i];
-        s = warp_sum(s);
-        if (lane == 0) z[j] = s * scale;
     }
     __syncthreads();
-    float mx = NEG_INF;
-    for (int j = threadIdx.x; j < nk; j += blockDim.x) mx = fmaxf(mx, z[j]);
-    mx = block_max(mx, sh);
-    float den = 0.f;
-    for (int j = threadIdx.x; j < nk; j += blockDim.x) {
-        float e = expf(z[j] - mx);
-        z[j] = e;
-        den += e;
+    // phase 2: per-head max and exp-sum over this split's keys
+    if (wp < HB) {
+        float m = NEG_INF;
+        for (int j = lane; j < j1 - j0; j += 32) m = fmaxf(m, z[wp * max_keys + j]);
+        m = warp_max(m);
+        float sum = 0.f;
+        for (int j = lane; j < j1 - j0; j += 32) {
+            float e = expf(z[wp * max_keys + j] - m);
+            z[wp * max_keys + j] = e;
+            sum += e;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) { mx_s[wp] = m; den_s[wp] = sum; }
     }
-    den = block_sum(den, sh) + expf(sinks[h] - mx);
+    __syncthreads();
+    // phase 3: P.V
+    {
+        float acc[HB][ATT_D / 32];
+#pragma unroll
+        for (int h = 0; h < HB; h++)
+#pragma unroll
+            for (int i = 0; i < ATT_D / 32; i++) acc[h][i] = 0.f;
+        for (int j = j0 + wp; j < j1; j += nw) {
+            const float* k = attn_key(j, nwin, lo, p0, win, fresh, ring, rows, selt, d);
+#pragma unroll
+            for (int i = 0; i < ATT_D / 128; i++)
+                if (i < nd) {
+                    float4 kv = *(const float4*)(k + i * 128 + lane * 4);
+#pragma unroll
+                    for (int h = 0; h < HB; h++) {
+                        float pj = z[h * max_keys + (j - j0)];
+                        acc[h][4 * i] += pj * kv.x;
+                        acc[h][4 * i + 1] += pj * kv.y;
+                        acc[h][4 * i + 2] += pj * kv.z;
+                        acc[h][4 * i + 3] += pj * kv.w;
+                    }
+                }
+        }
+#pragma unroll
+        for (int h = 0; h < HB; h++)
+#pragma unroll
+            for (int i = 0; i < ATT_D / 128; i++)
+                if (i < nd) {
+                    float* o = oacc + h * d + i * 128 + lane * 4;
+                    atomicAdd(o, acc[h][4 * i]);
+                    atomicAdd(o + 1, acc[h][4 * i + 1]);
+                    atomicAdd(o + 2, acc[h][4 * i + 2]);
+                    atomicAdd(o + 3, acc[h][4 * i + 3]);
+                }
+    }
+    __syncthreads();
+    if (nsplit == 1) {
+        for (int h = 0; h < HB && h0 + h < h_count; h++) {
+            float m = mx_s[h];
+            float den = den_s[h] + expf(sinks[h0 + h] - m);
+            for (int i = threadIdx.x; i < d; i += blockDim.x) oacc[h * d + i] /= den;
+        }
+        __syncthreads();
+        for (int h = 0; h < HB && h0 + h < h_count; h++) {
+            for (int i = threadIdx.x; i < rd / 2; i += blockDim.x)
+                rope_pair(&oacc[h * d + d - rd + 2 * i], &oacc[h * d + d - rd + 2 * i + 1], omega[i], p, true);
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < HB * d; i += blockDim.x) {
+            int h = i / d;
+            if (h0 + h < h_count) out[((u64)t * h_count + h0 + h) * d + (i % d)] = oacc[i];
+        }
+    } else {
+        // partial for (t, head, split): [m, l, o[d]]
+        for (int i = threadIdx.x; i < HB * (d + 2); i += blockDim.x) {
+            int h = i / (d + 2), c = i % (d + 2);
+            if (h0 + h >= h_count) continue;
+            float v = (c == 0) ? mx_s[h] : (c == 1) ? den_s[h] : oacc[h * d + c - 2];
+            part[(((u64)t * h_count + h0 + h) * nsplit + split) * (d + 2) + c] = v;
+        }
+    }
+}
+
+// Merge the splits of sink_attn: o = sum_s e^(m_s-M) o_s / (sum_s e^(m_s-M) l_s + e^(sink-M)).
+extern "C" __global__ void attn_combine(const float* part, int nsplit, const float* sinks, int h_count, int d, int rd,
+                                        const float* omega, const int* p0p, float* out) {
+    __shared__ float o[MAXD];
+    __shared__ float wsp[64];
+    __shared__ float den_s;
+    int t = blockIdx.x, h = blockIdx.y;
+    int p = *p0p + t;
+    const float* pp = part + ((u64)t * h_count + h) * nsplit * (d + 2);
+    if (threadIdx.x == 0) {
+        float M = sinks[h];
+        for (int s = 0; s < nsplit; s++) M = fmaxf(M, pp[s * (d + 2)]);
+        float den = expf(sinks[h] - M);
+        for (int s = 0; s < nsplit; s++) {
+            float m = pp[s * (d + 2)];
+            float w = (m == NEG_INF) ? 0.f : expf(m - M);
+            wsp[s] = w;
+            den += w * pp[s * (d + 2) + 1];
+        }
+        den_s = den;
+    }
     __syncthreads();
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = 0.f;
-        for (int j = 0; j < nk; j++) {
-            const float* k;
-            if (j < nwin) {
-                int qp = lo + j;
-                k = (qp >= p0) ? fresh + (u64)(qp - p0) * d : ring + (u64)(qp % win) * d;
-            } else {
-                int ri = sel ? sel[(u64)t * sel_ld + (j - nwin)] : (j - nwin);
-                k = rows + (u64)ri * d;
-            }
-            acc += z[j] * k[i];
-        }
-        qsh[i] = acc / den;
+        float v = 0.f;
+        for (int s = 0; s < nsplit; s++) v += wsp[s] * pp[s * (d + 2) + 2 + i];
+        o[i] = v / den_s;
     }
     __syncthreads();
-    rope_shared(qsh, d, rd, omega, p, true);
-    float* o = out + ((u64)t * h_count + h) * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = qsh[i];
+    for (int i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_pair(&o[d - rd + 2 * i], &o[d - rd + 2 * i + 1], omega[i], p, true);
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) out[((u64)t * h_count + h) * d + i] = o[i];
 }
 
 // vis[t] = (p0 + t + 1) / ratio: compressed rows visible to chunk token t.

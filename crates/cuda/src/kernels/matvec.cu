@@ -22,11 +22,28 @@ __device__ __forceinline__ void fma_x(float (&acc)[NT], const float* x, int xs, 
         if (t < n) acc[t] += w * x[t * xs + idx];
 }
 
+// Lane-interleaved mapping: in each iteration a warp covers one contiguous
+// chunk of the row (128 values for Q8_0, one 256-value block for the K/IQ
+// formats) and lane l takes its 4 or 8 consecutive values, so the x loads of a
+// warp are one contiguous 512 B / 1 KB run and the weight bytes of neighbouring
+// lanes are neighbours too. Chunks c0, c0+cs, ... belong to this warp.
+template <int NT>
+__device__ __forceinline__ void fma8(float (&acc)[NT], const float* x, int xs, int n, int e0, const float (&v)[8]) {
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+        if (t < n) {
+            const float* xp = x + t * xs + e0;
+            float4 a = *(const float4*)xp, b = *(const float4*)(xp + 4);
+            acc[t] += v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w + v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;
+        }
+}
+
 template <int TY, int NT>
-__device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, int xs, int n, int lane, int nl, const u64* grid_tab, const u8* sign_tab, float (&acc)[NT]) {
+__device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, int xs, int n, int lane, int c0, int cs,
+                                        const u64* grid_tab, const u8* sign_tab, float (&acc)[NT]) {
     if (TY == T_F32) {
         const float* w = (const float*)wr;
-        for (int c = lane * 4; c < cols; c += 4 * nl) {
+        for (int c = (c0 * 32 + lane) * 4; c < cols; c += 128 * cs) {
             if (c + 3 < cols) {
                 float4 v = *(const float4*)(w + c);
 #pragma unroll
@@ -40,8 +57,8 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
             }
         }
     } else if (TY == T_F16 || TY == T_BF16) {
-        // 8 values (16 bytes) per unit when cols % 8 == 0 (checked on the host)
-        for (int c = lane * 8; c < cols; c += 8 * nl) {
+        // 8 values (16 bytes) per lane; cols % 8 == 0 (checked on the host)
+        for (int c = (c0 * 32 + lane) * 8; c < cols; c += 256 * cs) {
             uint4 v = *(const uint4*)(wr + 2 * c);
             u32 wv[4] = {v.x, v.y, v.z, v.w};
             float f[8];
@@ -51,144 +68,103 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
                 f[2 * i] = (TY == T_F16) ? h2f(lo) : bf2f(lo);
                 f[2 * i + 1] = (TY == T_F16) ? h2f(hi) : bf2f(hi);
             }
-#pragma unroll
-            for (int t = 0; t < NT; t++)
-                if (t < n) {
-                    const float* xp = x + t * xs + c;
-                    float4 a = *(const float4*)xp, b = *(const float4*)(xp + 4);
-                    acc[t] += f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w + f[4] * b.x + f[5] * b.y + f[6] * b.z + f[7] * b.w;
-                }
+            fma8<NT>(acc, x, xs, n, c, f);
         }
     } else if (TY == T_Q8_0) {
+        // chunk = 4 blocks of 32; lane -> block lane/8, values (lane%8)*4 .. +4
         int nb = cols / 32;
-        for (int b = lane; b < nb; b += nl) {
+        int nch = (nb + 3) / 4;
+#pragma unroll 4
+        for (int c = c0; c < nch; c += cs) {
+            int b = c * 4 + (lane >> 3);
+            if (b >= nb) continue;
             const u8* blk = wr + b * 34;
             float d = h2f(ld16(blk));
-            float q[32];
-#pragma unroll
-            for (int i = 0; i < 16; i++) {
-                u16 v = ld16(blk + 2 + 2 * i);
-                q[2 * i] = (float)(i8)(v & 0xff);
-                q[2 * i + 1] = (float)(i8)(v >> 8);
-            }
+            int o = 2 + (lane & 7) * 4;
+            u16 v0 = ld16(blk + o), v1 = ld16(blk + o + 2);
+            float q0 = (float)(i8)(v0 & 0xff), q1 = (float)(i8)(v0 >> 8), q2 = (float)(i8)(v1 & 0xff), q3 = (float)(i8)(v1 >> 8);
+            int e0 = b * 32 + (lane & 7) * 4;
 #pragma unroll
             for (int t = 0; t < NT; t++)
                 if (t < n) {
-                    const float* xp = x + t * xs + b * 32;
-                    float s = 0.f;
-#pragma unroll
-                    for (int i = 0; i < 32; i += 4) {
-                        float4 xv = *(const float4*)(xp + i);
-                        s += q[i] * xv.x + q[i + 1] * xv.y + q[i + 2] * xv.z + q[i + 3] * xv.w;
-                    }
-                    acc[t] += d * s;
+                    float4 xv = *(const float4*)(x + t * xs + e0);
+                    acc[t] += d * (q0 * xv.x + q1 * xv.y + q2 * xv.z + q3 * xv.w);
                 }
         }
     } else if (TY == T_Q4_K) {
-        int nu = cols / 64;  // 4 chunks of 64 per 256-block
-        for (int u = lane; u < nu; u += nl) {
-            int b = u >> 2, c = u & 3;
+        // chunk = one block; lane -> values 8*lane .. +8 (chunk c = lane/8 of 64)
+        int nb = cols / 256;
+        int c64 = lane >> 3, w = (lane & 7) * 8, hi = w >= 32;
+        int s_ = 2 * c64 + hi;
+#pragma unroll 4
+        for (int b = c0; b < nb; b += cs) {
             const u8* blk = wr + b * 144;
             float d = h2f(ld16(blk)), dmin = h2f(ld16(blk + 2));
             const u8* S = blk + 4;
-            int s0 = 2 * c, s1 = 2 * c + 1;
-            int sc0, m0, sc1, m1;
-            if (s0 < 4) { sc0 = S[s0] & 63; m0 = S[s0 + 4] & 63; }
-            else { sc0 = (S[s0 + 4] & 15) | ((S[s0 - 4] >> 6) << 4); m0 = (S[s0 + 4] >> 4) | ((S[s0] >> 6) << 4); }
-            if (s1 < 4) { sc1 = S[s1] & 63; m1 = S[s1 + 4] & 63; }
-            else { sc1 = (S[s1 + 4] & 15) | ((S[s1 - 4] >> 6) << 4); m1 = (S[s1 + 4] >> 4) | ((S[s1] >> 6) << 4); }
-            const uint4* qp = (const uint4*)(blk + 16 + 32 * c);
-            uint4 qa = qp[0], qb = qp[1];
-            u32 qw[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
-            float d0 = d * sc0, d1 = d * sc1, mm0 = dmin * m0, mm1 = dmin * m1;
+            int sc, m;
+            if (s_ < 4) { sc = S[s_] & 63; m = S[s_ + 4] & 63; }
+            else { sc = (S[s_ + 4] & 15) | ((S[s_ - 4] >> 6) << 4); m = (S[s_ + 4] >> 4) | ((S[s_] >> 6) << 4); }
+            const u32* qp = (const u32*)(blk + 16 + 32 * c64 + (w & 31));
+            u32 q0 = qp[0], q1 = qp[1];
+            int sh = hi ? 4 : 0;
+            float dl = d * sc, ml = dmin * m;
+            float v[8];
 #pragma unroll
-            for (int t = 0; t < NT; t++)
-                if (t < n) {
-                    const float* xp = x + t * xs + b * 256 + 64 * c;
-                    float slo = 0.f, shi = 0.f, xlo = 0.f, xhi = 0.f;
-#pragma unroll
-                    for (int i = 0; i < 8; i++) {
-                        u32 w = qw[i];
-                        float4 a = *(const float4*)(xp + 4 * i);
-                        float4 h = *(const float4*)(xp + 32 + 4 * i);
-                        slo += (float)(w & 15) * a.x + (float)((w >> 8) & 15) * a.y + (float)((w >> 16) & 15) * a.z + (float)((w >> 24) & 15) * a.w;
-                        shi += (float)((w >> 4) & 15) * h.x + (float)((w >> 12) & 15) * h.y + (float)((w >> 20) & 15) * h.z + (float)((w >> 28) & 15) * h.w;
-                        xlo += a.x + a.y + a.z + a.w;
-                        xhi += h.x + h.y + h.z + h.w;
-                    }
-                    acc[t] += d0 * slo - mm0 * xlo + d1 * shi - mm1 * xhi;
-                }
+            for (int i = 0; i < 4; i++) {
+                v[i] = dl * (float)((q0 >> (8 * i + sh)) & 15) - ml;
+                v[4 + i] = dl * (float)((q1 >> (8 * i + sh)) & 15) - ml;
+            }
+            fma8<NT>(acc, x, xs, n, b * 256 + 8 * lane, v);
         }
     } else if (TY == T_Q2_K) {
-        int nu = cols / 32;  // 8 runs of 32 per 256-block: (half h, shift j)
-        for (int u = lane; u < nu; u += nl) {
-            int b = u >> 3, r = u & 7, h = r >> 2, j = r & 3;
+        // chunk = one block; lane -> values 8*lane .. +8: half h, shift j, run l
+        int nb = cols / 256;
+        int h = lane >> 4, j = (lane >> 2) & 3, l0 = (lane & 3) * 8, s_ = lane >> 1;
+#pragma unroll 4
+        for (int b = c0; b < nb; b += cs) {
             const u8* blk = wr + b * 84;
             float d = h2f(ld16(blk + 80)), dmin = h2f(ld16(blk + 82));
-            int s0 = 8 * h + 2 * j;  // sub-blocks s0 (l < 16) and s0 + 1
-            float dA = d * (blk[s0] & 15), mA = dmin * (blk[s0] >> 4);
-            float dB = d * (blk[s0 + 1] & 15), mB = dmin * (blk[s0 + 1] >> 4);
-            const u32* qp = (const u32*)(blk + 16 + 32 * h);
-            u32 qw[8];
+            u8 sc = blk[s_];
+            float dl = d * (sc & 15), ml = dmin * (sc >> 4);
+            const u32* qp = (const u32*)(blk + 16 + 32 * h + l0);
+            u32 q0 = qp[0], q1 = qp[1];
+            float v[8];
 #pragma unroll
-            for (int i = 0; i < 8; i++) qw[i] = qp[i];
-            int sh = 2 * j;
-#pragma unroll
-            for (int t = 0; t < NT; t++)
-                if (t < n) {
-                    const float* xp = x + t * xs + b * 256 + 128 * h + 32 * j;
-                    float sA = 0.f, sB = 0.f, xA = 0.f, xB = 0.f;
-#pragma unroll
-                    for (int i = 0; i < 8; i++) {
-                        u32 w = qw[i] >> sh;
-                        float4 a = *(const float4*)(xp + 4 * i);
-                        float p = (float)(w & 3) * a.x + (float)((w >> 8) & 3) * a.y + (float)((w >> 16) & 3) * a.z + (float)((w >> 24) & 3) * a.w;
-                        float xsum = a.x + a.y + a.z + a.w;
-                        if (i < 4) { sA += p; xA += xsum; } else { sB += p; xB += xsum; }
-                    }
-                    acc[t] += dA * sA - mA * xA + dB * sB - mB * xB;
-                }
+            for (int i = 0; i < 4; i++) {
+                v[i] = dl * (float)((q0 >> (8 * i + 2 * j)) & 3) - ml;
+                v[4 + i] = dl * (float)((q1 >> (8 * i + 2 * j)) & 3) - ml;
+            }
+            fma8<NT>(acc, x, xs, n, b * 256 + 8 * lane, v);
         }
     } else if (TY == T_IQ2_XXS) {
-        int nu = cols / 32;  // 8 groups of 32 per 256-block
-        for (int u = lane; u < nu; u += nl) {
-            int b = u >> 3, g = u & 7;
+        // chunk = one block; lane -> group lane/4, grid entry k = lane%4 (8 values)
+        int nb = cols / 256;
+        int g = lane >> 2, k = lane & 3;
+#pragma unroll 4
+        for (int b = c0; b < nb; b += cs) {
             const u8* blk = wr + b * 66;
             float d = h2f(ld16(blk));
             const u8* q = blk + 2 + 8 * g;
-            u32 a0 = (u32)ld16(q) | ((u32)ld16(q + 2) << 16);
             u32 a1 = (u32)ld16(q + 4) | ((u32)ld16(q + 6) << 16);
             float db = d * (0.5f + (float)(a1 >> 28)) * 0.25f;
-            float v[32];
+            u64 grid = grid_tab[q[k]];
+            u32 signs = sign_tab[(a1 >> (7 * k)) & 127];
+            float v[8];
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                u64 grid = grid_tab[(a0 >> (8 * k)) & 255];
-                u32 signs = sign_tab[(a1 >> (7 * k)) & 127];
-#pragma unroll
-                for (int m = 0; m < 8; m++) {
-                    float mag = (float)((grid >> (8 * m)) & 255);
-                    v[8 * k + m] = ((signs >> m) & 1) ? -mag : mag;
-                }
+            for (int m = 0; m < 8; m++) {
+                float mag = db * (float)((grid >> (8 * m)) & 255);
+                v[m] = ((signs >> m) & 1) ? -mag : mag;
             }
-#pragma unroll
-            for (int t = 0; t < NT; t++)
-                if (t < n) {
-                    const float* xp = x + t * xs + b * 256 + 32 * g;
-                    float s = 0.f;
-#pragma unroll
-                    for (int i = 0; i < 32; i += 4) {
-                        float4 xv = *(const float4*)(xp + i);
-                        s += v[i] * xv.x + v[i + 1] * xv.y + v[i + 2] * xv.z + v[i + 3] * xv.w;
-                    }
-                    acc[t] += db * s;
-                }
+            fma8<NT>(acc, x, xs, n, b * 256 + 32 * g + 8 * k, v);
         }
     }
 }
 
+extern __shared__ uint4 mv_stage[];
+
 template <int TY, int NT>
 __device__ __forceinline__ void mv_body(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, int n,
-                                        const int* eids, u64 expert_bytes, int x_group) {
+                                        const int* eids, u64 expert_bytes, int x_group, int stage) {
     // IQ2 tables staged in shared memory: lanes index them randomly, which
     // constant memory would serialise
     __shared__ u64 grid_tab[TY == T_IQ2_XXS ? 256 : 1];
@@ -208,10 +184,21 @@ __device__ __forceinline__ void mv_body(const u8* W, u64 row_bytes, int rows, in
         y += (u64)s * ys;
     }
     const u8* wr = W + (u64)row * row_bytes;
+    if (stage) {
+        // copy the row with coalesced 16-byte loads (row_bytes % 16 == 0), then
+        // let lanes pick whole quant blocks out of shared memory
+        u8* my = (u8*)mv_stage + (threadIdx.x >> 5) * row_bytes;
+        const uint4* src = (const uint4*)wr;
+        uint4* dst = (uint4*)my;
+        int nv = (int)(row_bytes >> 4);
+        for (int i = lane; i < nv; i += 32) dst[i] = src[i];
+        __syncwarp();
+        wr = my;
+    }
     float acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = 0.f;
-    row_dot<TY, NT>(wr, cols, x, xs, n, lane, 32, grid_tab, sign_tab, acc);
+    row_dot<TY, NT>(wr, cols, x, xs, n, lane, 0, 1, grid_tab, sign_tab, acc);
 #pragma unroll
     for (int t = 0; t < NT; t++) {
         float v = warp_sum(acc[t]);
@@ -224,7 +211,7 @@ __device__ __forceinline__ void mv_body(const u8* W, u64 row_bytes, int rows, in
 // projections), where one warp per row leaves most of the GPU idle.
 template <int TY, int NT>
 __device__ __forceinline__ void mvk_body(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, int n,
-                                         const int* eids, u64 expert_bytes, int x_group) {
+                                         const int* eids, u64 expert_bytes, int x_group, int stage) {
     __shared__ u64 grid_tab[TY == T_IQ2_XXS ? 256 : 1];
     __shared__ u8 sign_tab[TY == T_IQ2_XXS ? 128 : 1];
     __shared__ float red[NT][8];
@@ -241,10 +228,18 @@ __device__ __forceinline__ void mvk_body(const u8* W, u64 row_bytes, int rows, i
         y += (u64)s * ys;
     }
     const u8* wr = W + (u64)row * row_bytes;
+    if (stage) {
+        const uint4* src = (const uint4*)wr;
+        uint4* dst = mv_stage;
+        int nv = (int)(row_bytes >> 4);
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) dst[i] = src[i];
+        __syncthreads();
+        wr = (const u8*)mv_stage;
+    }
     float acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = 0.f;
-    row_dot<TY, NT>(wr, cols, x, xs, n, threadIdx.x, blockDim.x, grid_tab, sign_tab, acc);
+    row_dot<TY, NT>(wr, cols, x, xs, n, threadIdx.x & 31, threadIdx.x >> 5, blockDim.x >> 5, grid_tab, sign_tab, acc);
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
 #pragma unroll
     for (int t = 0; t < NT; t++) {
@@ -264,13 +259,13 @@ __device__ __forceinline__ void mvk_body(const u8* W, u64 row_bytes, int rows, i
 
 #define MV_KERNEL(NAME, TY, NT)                                                                                              \
     extern "C" __global__ void NAME(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, \
-                                    int n, const int* eids, u64 expert_bytes, int x_group) {                                  \
-        mv_body<TY, NT>(W, row_bytes, rows, cols, x, xs, y, ys, n, eids, expert_bytes, x_group);                              \
+                                    int n, const int* eids, u64 expert_bytes, int x_group, int stage) {                       \
+        mv_body<TY, NT>(W, row_bytes, rows, cols, x, xs, y, ys, n, eids, expert_bytes, x_group, stage);                       \
     }
 #define MVK_KERNEL(NAME, TY, NT)                                                                                              \
     extern "C" __global__ void NAME(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, \
-                                    int n, const int* eids, u64 expert_bytes, int x_group) {                                  \
-        mvk_body<TY, NT>(W, row_bytes, rows, cols, x, xs, y, ys, n, eids, expert_bytes, x_group);                             \
+                                    int n, const int* eids, u64 expert_bytes, int x_group, int stage) {                       \
+        mvk_body<TY, NT>(W, row_bytes, rows, cols, x, xs, y, ys, n, eids, expert_bytes, x_group, stage);                      \
     }
 #define MV_TYPE(SUFFIX, TY)                                                                                                       \
     MV_KERNEL(mv_##SUFFIX##_1, TY, 1) MV_KERNEL(mv_##SUFFIX##_2, TY, 2) MV_KERNEL(mv_##SUFFIX##_4, TY, 4) MV_KERNEL(mv_##SUFFIX##_8, TY, 8) \

@@ -1,0 +1,361 @@
+//! Every CUDA kernel family against its CPU reference (dsv4_engine::ops and
+//! the gguf crate's dot products) on odd shapes and fresh random inputs.
+//! Skips (passing, with a note) when no GPU is usable.
+
+use dsv4_cuda::{launch, Gpu};
+use dsv4_engine::ops;
+use dsv4_gguf::{quant, GgmlType};
+use rand::{Rng, SeedableRng};
+
+fn gpu() -> Option<Gpu> {
+    match dsv4_cuda::available() {
+        Ok(()) => Some(Gpu::new(0).expect("GPU init")),
+        Err(e) => {
+            eprintln!("skipping CUDA kernel test: {e}");
+            None
+        }
+    }
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Random valid blocks: noise bytes with every f16 scale field set small.
+fn random_rows(rng: &mut rand::rngs::StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let rb = ty.row_bytes(cols).unwrap();
+    let mut b: Vec<u8> = (0..rows * rb).map(|_| rng.gen()).collect();
+    let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    match ty {
+        GgmlType::F32 => {
+            for c in b.chunks_exact_mut(4) {
+                c.copy_from_slice(&(rng.gen_range(-1.0f32..1.0)).to_le_bytes());
+            }
+        }
+        GgmlType::F16 => {
+            for c in b.chunks_exact_mut(2) {
+                c.copy_from_slice(&f16(rng.gen_range(-1.0f32..1.0)));
+            }
+        }
+        GgmlType::BF16 => {
+            for c in b.chunks_exact_mut(2) {
+                let v = half::bf16::from_f32(rng.gen_range(-1.0f32..1.0));
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        _ => {
+            let bb = ty.block_bytes();
+            let fields: &[usize] = match ty {
+                GgmlType::Q8_0 => &[0],
+                GgmlType::Q2_K => &[80, 82],
+                GgmlType::Q4_K => &[0, 2],
+                GgmlType::IQ2_XXS => &[0],
+                _ => unreachable!(),
+            };
+            for blk in b.chunks_exact_mut(bb) {
+                for &o in fields {
+                    blk[o..o + 2].copy_from_slice(&f16(rng.gen_range(0.001f32..0.02)));
+                }
+            }
+        }
+    }
+    b
+}
+
+fn suffix(ty: GgmlType) -> &'static str {
+    match ty {
+        GgmlType::F32 => "f32",
+        GgmlType::F16 => "f16",
+        GgmlType::BF16 => "bf16",
+        GgmlType::Q8_0 => "q8_0",
+        GgmlType::Q2_K => "q2_k",
+        GgmlType::Q4_K => "q4_k",
+        _ => "iq2_xxs",
+    }
+}
+
+#[test]
+fn matvec_all_types_odd_shapes() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let types = [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::Q4_K, GgmlType::IQ2_XXS];
+    for ty in types {
+        let unit = ty.block_elems().max(8);
+        for &(rows, cols_units) in &[(1usize, 1usize), (7, 3), (33, 2), (5, 17)] {
+            let cols = cols_units * unit;
+            let w = random_rows(&mut rng, ty, rows, cols);
+            let rb = ty.row_bytes(cols).unwrap();
+            for &n in &[1usize, 3, 8] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+                let mut want = vec![0.0f32; n * rows];
+                for t in 0..n {
+                    for r in 0..rows {
+                        want[t * rows + r] = quant::dot_f32(ty, &w[r * rb..(r + 1) * rb], &x[t * cols..(t + 1) * cols]);
+                    }
+                }
+                let nt = if n >= 8 { 8 } else if n >= 4 { 4 } else if n >= 2 { 2 } else { 1 };
+                let dw = g.upload(&w).unwrap();
+                let dx = g.upload(&x).unwrap();
+                let dy = g.upload(&vec![f32::NAN; n * rows]).unwrap(); // poisoned
+                for (kname, grid, block, rows_per_block) in [("mv", (rows.div_ceil(4) as u32, 1, 1), (128, 1, 1), 4usize), ("mvk", (rows as u32, 1, 1), (256, 1, 1), 1)] {
+                    for stage in [0i32, 1] {
+                        let stage_ok = rb % 16 == 0 && !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+                        if stage == 1 && !stage_ok {
+                            continue;
+                        }
+                        let shmem = if stage == 1 { (rb * rows_per_block) as u32 } else { 0 };
+                        let name = format!("{kname}_{}_{nt}", suffix(ty));
+                        launch!(g, &name, grid, block, shmem;
+                            dw.ptr, rb as u64, rows as i32, cols as i32, dx.ptr, cols as i32, dy.ptr, rows as i32, n.min(nt) as i32,
+                            0u64, 0u64, 1i32, stage).unwrap();
+                        let got = g.read_f32(dy.ptr, n.min(nt) * rows).unwrap();
+                        let e = rel_err(&got, &want[..n.min(nt) * rows]);
+                        assert!(e < 1e-5, "{name} stage {stage} rows {rows} cols {cols} n {n}: rel err {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matvec_expert_indexed() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    for ty in [GgmlType::IQ2_XXS, GgmlType::Q2_K, GgmlType::Q4_K, GgmlType::Q8_0] {
+        let (rows, cols, n_exp, k, n_tok) = (9usize, 512usize, 5usize, 2usize, 3usize);
+        let rb = ty.row_bytes(cols).unwrap();
+        let w = random_rows(&mut rng, ty, rows * n_exp, cols);
+        let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let eids: Vec<i32> = (0..n_tok * k).map(|_| rng.gen_range(0..n_exp as i32)).collect();
+        let mut want = vec![0.0f32; n_tok * k * rows];
+        for s in 0..n_tok * k {
+            let e = eids[s] as usize;
+            for r in 0..rows {
+                let row = &w[(e * rows + r) * rb..(e * rows + r + 1) * rb];
+                want[s * rows + r] = quant::dot_f32(ty, row, &x[(s / k) * cols..(s / k + 1) * cols]);
+            }
+        }
+        let (dw, dx, de) = (g.upload(&w).unwrap(), g.upload(&x).unwrap(), g.upload(&eids).unwrap());
+        let dy = g.upload(&vec![f32::NAN; want.len()]).unwrap();
+        let stage = (rb % 16 == 0) as i32;
+        launch!(g, &format!("mv_{}_1", suffix(ty)), (rows.div_ceil(4) as u32, (n_tok * k) as u32, 1), (128, 1, 1), if stage == 1 { (rb * 4) as u32 } else { 0 };
+            dw.ptr, rb as u64, rows as i32, cols as i32, dx.ptr, cols as i32, dy.ptr, rows as i32, 1i32,
+            de.ptr, (rows * rb) as u64, k as i32, stage).unwrap();
+        let got = g.read_f32(dy.ptr, want.len()).unwrap();
+        assert!(rel_err(&got, &want) < 1e-5, "{ty:?} experts");
+    }
+}
+
+#[test]
+fn row_finish_modes_match_ops() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for &(d, rd, per_tok, n) in &[(128usize, 64usize, 3usize, 2usize), (512, 64, 1, 5), (64, 64, 4, 3)] {
+        let rope = ops::Rope::new(rd, 160000.0, Some(ops::Yarn { factor: 16.0, original_ctx: 65536.0, beta_fast: 32.0, beta_slow: 1.0 }));
+        let x: Vec<f32> = (0..n * per_tok * d).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+        let w: Vec<f32> = (0..d).map(|_| rng.gen_range(0.5f32..1.5)).collect();
+        let p0 = 1000usize;
+        for mode in 0..3i32 {
+            if mode == 1 && (d - rd) % 64 != 0 {
+                continue;
+            }
+            if mode == 2 && !d.is_power_of_two() {
+                continue;
+            }
+            let mut want = x.clone();
+            for (b, row) in want.chunks_mut(d).enumerate() {
+                let pos = p0 + b / per_tok;
+                match mode {
+                    0 => {
+                        ops::rms_scale_inplace(row, 1e-6);
+                        rope.apply(&mut row[d - rd..], pos, false);
+                    }
+                    1 => {
+                        ops::rmsnorm_inplace(row, &w, 1e-6);
+                        rope.apply(&mut row[d - rd..], pos, false);
+                        ops::fp8_sim_inplace(&mut row[..d - rd], 64);
+                    }
+                    _ => {
+                        rope.apply(&mut row[d - rd..], pos, false);
+                        ops::hadamard_inplace(row);
+                        ops::fp4_sim_inplace(row, 32);
+                    }
+                }
+            }
+            let dx = g.upload(&x).unwrap();
+            let dw = g.upload(&w).unwrap();
+            let om = g.upload(&rope.omega).unwrap();
+            let pp = g.upload(&[p0 as i32]).unwrap();
+            launch!(g, "row_finish", ((n * per_tok) as u32, 1, 1), (128, 1, 1), 0;
+                dx.ptr, d as i32, per_tok as i32, rd as i32, om.ptr, pp.ptr, dw.ptr, 1e-6f32, mode, 0i32).unwrap();
+            let got = g.read_f32(dx.ptr, x.len()).unwrap();
+            // FP8/FP4 grids can legitimately flip an element sitting on a rounding
+            // midpoint; everything else must agree to float noise
+            let bad = got.iter().zip(&want).filter(|(a, b)| (*a - *b).abs() > 1e-4 * (1.0 + b.abs())).count();
+            assert!(bad <= got.len() / 500, "row_finish mode {mode} d {d}: {bad} of {} differ", got.len());
+        }
+    }
+}
+
+#[test]
+fn topk_select_matches_cpu_with_ties() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let ld = 5000usize;
+    let k = 37usize;
+    let vis: Vec<i32> = vec![5000, 30, 1, 2049, 777];
+    let n = vis.len();
+    // coarse values so ties are frequent
+    let scores: Vec<f32> = (0..n * ld).map(|_| (rng.gen_range(-50i32..50) as f32) * 0.25).collect();
+    let (ds, dv) = (g.upload(&scores).unwrap(), g.upload(&vis).unwrap());
+    let sel = g.upload(&vec![-1i32; n * k]).unwrap();
+    let cnt = g.upload(&vec![0i32; n]).unwrap();
+    launch!(g, "topk_select", (n as u32, 1, 1), (1024, 1, 1), 0; ds.ptr, ld as i32, dv.ptr, k as i32, sel.ptr, cnt.ptr).unwrap();
+    let got = g.read_i32(sel.ptr, n * k).unwrap();
+    let gc = g.read_i32(cnt.ptr, n).unwrap();
+    for t in 0..n {
+        let v = vis[t] as usize;
+        let mut want = if v <= k { (0..v).collect::<Vec<_>>() } else { ops::topk_desc(&scores[t * ld..t * ld + v], k) };
+        want.sort();
+        let c = gc[t] as usize;
+        let mut have: Vec<usize> = got[t * k..t * k + c].iter().map(|&i| i as usize).collect();
+        assert!(have.windows(2).all(|w| w[0] < w[1]), "ascending order");
+        have.sort();
+        assert_eq!(have, want, "token {t}");
+    }
+}
+
+#[test]
+fn sink_attention_matches_ops() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let (h, d, rd, win) = (6usize, 128usize, 64usize, 8usize);
+    let rope = ops::Rope::new(rd, 10000.0, None);
+    for &(n, p0, nrows, use_sel, nsplit) in &[(1usize, 20usize, 9usize, true, 3usize), (3, 5, 0, false, 1), (2, 40, 11, false, 1), (1, 100, 25, false, 4)] {
+        let q: Vec<f32> = (0..n * h * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let fresh: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let ring: Vec<f32> = (0..win * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let rows: Vec<f32> = (0..nrows.max(1) * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let sinks: Vec<f32> = (0..h).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let k = 4usize;
+        let sel: Vec<i32> = (0..n * k).map(|_| rng.gen_range(0..nrows.max(1) as i32)).collect();
+        let cnt: Vec<i32> = vec![k as i32; n];
+        let vis: Vec<i32> = (0..n).map(|t| nrows.min(t + 2) as i32).collect();
+        let scale = (d as f32).powf(-0.5);
+        let mut want = vec![0.0f32; n * h * d];
+        for t in 0..n {
+            let p = p0 + t;
+            let mut keys: Vec<&[f32]> = Vec::new();
+            for qp in (p + 1).saturating_sub(win)..=p {
+                keys.push(if qp >= p0 { &fresh[(qp - p0) * d..(qp - p0 + 1) * d] } else { &ring[(qp % win) * d..(qp % win + 1) * d] });
+            }
+            if nrows > 0 {
+                if use_sel {
+                    for &i in &sel[t * k..(t + 1) * k] {
+                        keys.push(&rows[i as usize * d..(i as usize + 1) * d]);
+                    }
+                } else {
+                    for i in 0..vis[t] as usize {
+                        keys.push(&rows[i * d..(i + 1) * d]);
+                    }
+                }
+            }
+            for hh in 0..h {
+                let o = &mut want[(t * h + hh) * d..(t * h + hh + 1) * d];
+                ops::sink_attention(&q[(t * h + hh) * d..(t * h + hh + 1) * d], &keys, sinks[hh], scale, o);
+                rope.apply(&mut o[d - rd..], p, true);
+            }
+        }
+        let up = |v: &[f32]| g.upload(v).unwrap();
+        let (dq, df, dr, drows, dsk, om) = (up(&q), up(&fresh), up(&ring), up(&rows), up(&sinks), up(&rope.omega));
+        let (dsel, dcnt, dvis, pp) = (g.upload(&sel).unwrap(), g.upload(&cnt).unwrap(), g.upload(&vis).unwrap(), g.upload(&[p0 as i32]).unwrap());
+        let out = g.upload(&vec![f32::NAN; n * h * d]).unwrap();
+        let part = g.upload(&vec![0.0f32; n * h * nsplit * (d + 2)]).unwrap();
+        let max_keys = win + if use_sel { k } else { nrows };
+        let per = max_keys.div_ceil(nsplit);
+        let rows_ptr = if nrows > 0 { drows.ptr } else { 0 };
+        let (sel_ptr, sel_ld) = if use_sel { (dsel.ptr, k as i32) } else { (0u64, 0i32) };
+        launch!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), (4 * per * 4) as u32;
+            dq.ptr, df.ptr, dr.ptr, rows_ptr, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
+            h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32).unwrap();
+        if nsplit > 1 {
+            launch!(g, "attn_combine", (n as u32, h as u32, 1), (128, 1, 1), 0;
+                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out.ptr).unwrap();
+        }
+        let got = g.read_f32(out.ptr, n * h * d).unwrap();
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-5, "attention n {n} p0 {p0} rows {nrows} sel {use_sel} splits {nsplit}: rel err {e}");
+    }
+}
+
+#[test]
+fn hc_pre_post_head_match_ops() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let (m, d, n) = (4usize, 96usize, 3usize);
+    let nmix = (2 + m) * m;
+    let x: Vec<f32> = (0..n * m * d).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+    let mixes: Vec<f32> = (0..n * nmix).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+    let scale: Vec<f32> = (0..3).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let base: Vec<f32> = (0..nmix).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let norm: Vec<f32> = (0..d).map(|_| rng.gen_range(0.5f32..1.5)).collect();
+    let up = |v: &[f32]| g.upload(v).unwrap();
+    let (dx, dm, ds, db, dn) = (up(&x), up(&mixes), up(&scale), up(&base), up(&norm));
+    let a = up(&vec![f32::NAN; n * d]);
+    let hw = up(&vec![f32::NAN; n * (m + m * m)]);
+    launch!(g, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, dm.ptr, ds.ptr, db.ptr, dn.ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr).unwrap();
+    let ga = g.read_f32(a.ptr, n * d).unwrap();
+    let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
+    let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let df = up(&f);
+    launch!(g, "hc_post", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, df.ptr, hw.ptr, d as i32, m as i32).unwrap();
+    let gx = g.read_f32(dx.ptr, n * m * d).unwrap();
+    for t in 0..n {
+        let xt = &x[t * m * d..(t + 1) * m * d];
+        let r = ops::rms_inv(xt, 1e-6);
+        let mx: Vec<f32> = mixes[t * nmix..(t + 1) * nmix].iter().map(|v| v * r).collect();
+        let w = ops::hc_split_sinkhorn(&mx, &scale, &base, m, 20, 1e-6);
+        let mut at = vec![0.0f32; d];
+        ops::hc_collapse(xt, &w.pre, d, &mut at);
+        ops::rmsnorm_inplace(&mut at, &norm, 1e-6);
+        assert!(rel_err(&ga[t * d..(t + 1) * d], &at) < 1e-5, "hc_pre a");
+        let mut want_hw = w.post.clone();
+        want_hw.extend_from_slice(&w.comb);
+        assert!(rel_err(&ghw[t * (m + m * m)..(t + 1) * (m + m * m)], &want_hw) < 1e-5, "hc_pre weights");
+        let mut xo = vec![0.0f32; m * d];
+        ops::hc_post(&f[t * d..(t + 1) * d], xt, &w, d, &mut xo);
+        assert!(rel_err(&gx[t * m * d..(t + 1) * m * d], &xo) < 1e-5, "hc_post");
+    }
+}
+
+#[test]
+fn router_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let (ne, k, n) = (77usize, 5usize, 4usize);
+    // repeated values make ties; bias breaks some of them
+    let logits: Vec<f32> = (0..n * ne).map(|_| rng.gen_range(-8i32..8) as f32 * 0.5).collect();
+    let bias: Vec<f32> = (0..ne).map(|_| rng.gen_range(-2i32..2) as f32 * 0.1).collect();
+    let up = |v: &[f32]| g.upload(v).unwrap();
+    let (dl, db) = (up(&logits), up(&bias));
+    let tok = g.upload(&vec![0i32; n]).unwrap();
+    let eids = g.upload(&vec![-1i32; n * k]).unwrap();
+    let ew = up(&vec![f32::NAN; n * k]);
+    launch!(g, "router", (n as u32, 1, 1), (256, 1, 1), 0; dl.ptr, ne as i32, k as i32, db.ptr, 0u64, tok.ptr, 1i32, 1.5f32, eids.ptr, ew.ptr).unwrap();
+    let ge = g.read_i32(eids.ptr, n * k).unwrap();
+    let gw = g.read_f32(ew.ptr, n * k).unwrap();
+    for t in 0..n {
+        let s: Vec<f32> = logits[t * ne..(t + 1) * ne].iter().map(|&v| ops::softplus(v).sqrt()).collect();
+        let biased: Vec<f32> = s.iter().zip(&bias).map(|(a, b)| a + b).collect();
+        let mut idx = ops::topk_desc(&biased, k);
+        let sum: f32 = idx.iter().map(|&e| s[e]).sum();
+        idx.sort();
+        for (j, &e) in idx.iter().enumerate() {
+            assert_eq!(ge[t * k + j], e as i32, "token {t} slot {j}");
+            assert!((gw[t * k + j] - s[e] / sum * 1.5).abs() < 1e-5);
+        }
+    }
+}
