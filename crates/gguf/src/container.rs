@@ -22,6 +22,8 @@ pub const DEFAULT_ALIGNMENT: usize = 32;
 pub const MAX_DIMS: u32 = 4;
 /// Arrays of arrays deeper than this are rejected (bounds recursion on hostile input).
 pub const MAX_ARRAY_DEPTH: usize = 8;
+/// Largest up-front reservation for a counted list (counts come from the file).
+const INITIAL_CAPACITY: usize = 1 << 16;
 
 /// Everything that can go wrong reading, writing or decoding GGUF data.
 #[derive(Debug, thiserror::Error)]
@@ -389,7 +391,8 @@ impl<'a> Cursor<'a> {
     }
 
     /// Check that `count` items of at least `min_size` bytes each can fit in
-    /// what remains; returns a safe capacity to reserve.
+    /// what remains; returns the count. Callers reserve at most
+    /// [`INITIAL_CAPACITY`] up front and let vectors grow as items actually parse.
     fn bounded_count(&self, count: u64, min_size: u64, what: &dyn Fn() -> String) -> Result<usize, GgufError> {
         let fits = count.checked_mul(min_size).is_some_and(|b| b <= self.remaining() as u64);
         if !fits {
@@ -438,7 +441,7 @@ fn read_value(c: &mut Cursor<'_>, ty: u32, key: &str, depth: usize) -> Result<Va
             }
             let count = c.u64(&|| format!("array length of metadata key {key:?}"))?;
             let n = c.bounded_count(count, min_value_size(elem_ty), &|| format!("array of metadata key {key:?}"))?;
-            let mut items = Vec::with_capacity(n);
+            let mut items = Vec::with_capacity(n.min(INITIAL_CAPACITY));
             for _ in 0..n {
                 items.push(read_value(c, elem_ty, key, depth + 1)?);
             }
@@ -471,8 +474,8 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
 
     // A key/value is at least 8 (key length) + 4 (type) + 1 bytes.
     let n_kv = c.bounded_count(n_kv, 13, &|| "metadata count".into())?;
-    let mut metadata = Vec::with_capacity(n_kv);
-    let mut key_index = HashMap::with_capacity(n_kv);
+    let mut metadata = Vec::with_capacity(n_kv.min(INITIAL_CAPACITY));
+    let mut key_index = HashMap::with_capacity(n_kv.min(INITIAL_CAPACITY));
     for i in 0..n_kv {
         let key = c.string(&|| format!("key of metadata entry {i}"))?;
         let ty = c.u32(&|| format!("value type of metadata key {key:?}"))?;
@@ -493,8 +496,8 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
 
     // A tensor info is at least 8 (name length) + 4 + 8 (one dim) + 4 + 8 bytes.
     let n_tensors = c.bounded_count(n_tensors, 32, &|| "tensor count".into())?;
-    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors);
-    let mut tensor_index = HashMap::with_capacity(n_tensors);
+    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors.min(INITIAL_CAPACITY));
+    let mut tensor_index = HashMap::with_capacity(n_tensors.min(INITIAL_CAPACITY));
     for i in 0..n_tensors {
         let name = c.string(&|| format!("name of tensor {i}"))?;
         let what = || format!("info of tensor {name:?}");

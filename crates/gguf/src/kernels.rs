@@ -222,3 +222,43 @@ pub fn matvec_q8(ty: GgmlType, w: &[u8], n_rows: usize, n_cols: usize, xq: &Quan
         y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| run(c * chunk, ys));
     }
 }
+
+/// `y[t][r] = dot_q8(row r, xq[t])` for several tokens (8-bit path of
+/// prefill). Each weight row is swept against a tile of tokens while it is
+/// hot in L1, so weight bytes come from memory once per tile; results are
+/// bitwise identical to [`matvec_q8`] per token.
+pub fn matmul_q8(ty: GgmlType, w: &[u8], n_rows: usize, n_cols: usize, xq: &[QuantizedActs], y: &mut [f32]) {
+    let rb = check_shapes(ty, w, n_rows, n_cols);
+    let n_tok = xq.len();
+    assert!(xq.iter().all(|a| a.len() == n_cols), "activation length differs from n_cols = {n_cols}");
+    assert_eq!(y.len(), n_rows * n_tok);
+    if n_tok == 0 || n_rows == 0 {
+        return;
+    }
+    let simd = simd_enabled();
+    let chunk = rows_per_task(rb, n_rows);
+    let mut yt = vec![0f32; n_rows * n_tok];
+    let work = |c: usize, out: &mut [f32]| {
+        let r0 = c * chunk;
+        let nr = out.len() / n_tok;
+        for t0 in (0..n_tok).step_by(TOK_TILE) {
+            let t1 = (t0 + TOK_TILE).min(n_tok);
+            for i in 0..nr {
+                let row = &w[(r0 + i) * rb..(r0 + i + 1) * rb];
+                for t in t0..t1 {
+                    out[i * n_tok + t] = dot_q8_with(ty, row, &xq[t], simd);
+                }
+            }
+        }
+    };
+    if w.len() < PAR_MIN_BYTES {
+        yt.chunks_mut(chunk * n_tok).enumerate().for_each(|(c, o)| work(c, o));
+    } else {
+        yt.par_chunks_mut(chunk * n_tok).enumerate().for_each(|(c, o)| work(c, o));
+    }
+    for r in 0..n_rows {
+        for t in 0..n_tok {
+            y[t * n_rows + r] = yt[r * n_tok + t];
+        }
+    }
+}

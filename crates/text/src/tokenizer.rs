@@ -91,7 +91,7 @@ enum Segment<'a> {
 /// Pieces longer than this are not cached (rare, and would bloat the cache).
 const CACHE_MAX_PIECE: usize = 32;
 /// The cache is reset when it grows past this many entries.
-const CACHE_MAX_ENTRIES: usize = 1 << 16;
+const CACHE_MAX_ENTRIES: usize = 1 << 18;
 
 /// Per-call scratch state of `encode`.
 #[derive(Default)]
@@ -322,22 +322,38 @@ impl Tokenizer {
         if syms.len() > 48 {
             self.bpe_heap(syms);
         } else {
-            // Short pieces (nearly all of them): a quadratic scan beats a heap.
+            // Short pieces (nearly all of them): keep the rank of every adjacent
+            // pair and rescan that small array for the minimum; only the two
+            // pairs touching a merge are looked up again.
+            let mut ranks = [u32::MAX; 48];
+            let mut news = [0u32; 48];
+            let mut np = syms.len().saturating_sub(1);
+            let lookup = |a: u32, b: u32| self.merges.get(&pair_key(a, b)).copied().unwrap_or((u32::MAX, 0));
+            for k in 0..np {
+                (ranks[k], news[k]) = lookup(syms[k], syms[k + 1]);
+            }
             loop {
-                let mut best: Option<(usize, u32, u32)> = None;
-                for k in 0..syms.len().saturating_sub(1) {
-                    if let Some(&(rank, merged)) = self.merges.get(&pair_key(syms[k], syms[k + 1])) {
-                        if best.map_or(true, |(_, r, _)| rank < r) {
-                            best = Some((k, rank, merged));
-                        }
+                let mut best = u32::MAX;
+                let mut bk = 0;
+                for (k, &r) in ranks[..np].iter().enumerate() {
+                    if r < best {
+                        best = r;
+                        bk = k;
                     }
                 }
-                match best {
-                    Some((k, _, merged)) => {
-                        syms[k] = merged;
-                        syms.remove(k + 1);
-                    }
-                    None => break,
+                if best == u32::MAX {
+                    break;
+                }
+                syms[bk] = news[bk];
+                syms.remove(bk + 1);
+                ranks.copy_within(bk + 1..np, bk);
+                news.copy_within(bk + 1..np, bk);
+                np -= 1;
+                if bk > 0 {
+                    (ranks[bk - 1], news[bk - 1]) = lookup(syms[bk - 1], syms[bk]);
+                }
+                if bk < np {
+                    (ranks[bk], news[bk]) = lookup(syms[bk], syms[bk + 1]);
                 }
             }
         }

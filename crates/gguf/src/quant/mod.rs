@@ -22,6 +22,11 @@ pub use simd::{simd_available, simd_enabled};
 use crate::container::GgufError;
 use crate::types::GgmlType;
 
+// Block geometry of each format module agrees with the type table (spec §1.1).
+const _: () = assert!(q8_0::BLOCK_BYTES == 34 && q8_0::QK == 32);
+const _: () = assert!(q2_k::BLOCK_BYTES == 84 && q4_k::BLOCK_BYTES == 144);
+const _: () = assert!(iq2_xxs::BLOCK_BYTES == 66 && q8_k::BLOCK_BYTES == 292 && q8_k::QK == 256);
+
 /// Decode `out.len()` elements of type `ty`; `data` must be exactly
 /// `ty.row_bytes(out.len())` bytes. I32 is rejected (use [`read_i32`]).
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), GgufError> {

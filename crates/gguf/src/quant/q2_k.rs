@@ -10,21 +10,22 @@ use super::q8_k::QK;
 pub const BLOCK_BYTES: usize = 84;
 
 /// Decode one block into 256 values (gguf-py order of operations: `(d·sc)·q − dmin·m`).
+/// Fixed-size views remove bounds checks so the inner loops vectorise.
 #[inline(always)]
 pub(crate) fn dequant_block(b: &[u8], out: &mut [f32]) {
-    let d = f16_to_f32(rd_u16(b, 80));
-    let dmin = f16_to_f32(rd_u16(b, 82));
-    let (scales, qs) = (&b[..16], &b[16..80]);
+    let (Ok(b), Ok(out)) = (<&[u8; BLOCK_BYTES]>::try_from(b), <&mut [f32; QK]>::try_from(out)) else { return };
+    let d = f16_to_f32(u16::from_le_bytes([b[80], b[81]]));
+    let dmin = f16_to_f32(u16::from_le_bytes([b[82], b[83]]));
     for h in 0..2 {
         for j in 0..4 {
             for half in 0..2 {
                 let s = 8 * h + 2 * j + half;
-                let dl = d * (scales[s] & 15) as f32;
-                let ml = dmin * (scales[s] >> 4) as f32;
+                let dl = d * (b[s] & 15) as f32;
+                let ml = dmin * (b[s] >> 4) as f32;
                 let base = 128 * h + 32 * j + 16 * half;
-                for l in 0..16 {
-                    let q = (qs[32 * h + 16 * half + l] >> (2 * j)) & 3;
-                    out[base + l] = dl * q as f32 - ml;
+                let qs = &b[16 + 32 * h + 16 * half..][..16];
+                for (o, &q) in out[base..base + 16].iter_mut().zip(qs) {
+                    *o = dl * ((q >> (2 * j)) & 3) as f32 - ml;
                 }
             }
         }
@@ -77,9 +78,40 @@ pub(crate) mod avx2 {
     use crate::quant::simd::avx2::*;
     use std::arch::x86_64::*;
 
+    /// f32 path: per 16-value sub-block `d·sc·Σq·x − dmin·m·Σx`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
-        super::super::dot_via_dequant(row, x, BLOCK_BYTES, dequant_block)
+        let m3 = _mm256_set1_epi8(3);
+        let mut acc = _mm256_setzero_ps();
+        let mut accm = _mm256_setzero_ps();
+        for i in 0..x.len() / QK {
+            let b = row.as_ptr().add(i * BLOCK_BYTES);
+            prefetch_block(b, BLOCK_BYTES);
+            let d = f16_1(u16::from_le_bytes([*b.add(80), *b.add(81)]));
+            let dmin = f16_1(u16::from_le_bytes([*b.add(82), *b.add(83)]));
+            let xb = x.as_ptr().add(i * QK);
+            for h in 0..2 {
+                let bits = _mm256_loadu_si256(b.add(16 + 32 * h) as *const __m256i);
+                for j in 0..4 {
+                    let q2 = match j {
+                        0 => _mm256_and_si256(bits, m3),
+                        1 => _mm256_and_si256(_mm256_srli_epi16(bits, 2), m3),
+                        2 => _mm256_and_si256(_mm256_srli_epi16(bits, 4), m3),
+                        _ => _mm256_and_si256(_mm256_srli_epi16(bits, 6), m3),
+                    };
+                    let s = 8 * h + 2 * j;
+                    let base = xb.add(128 * h + 32 * j);
+                    let (qx0, xs0) = qx_u8x16(_mm256_castsi256_si128(q2), base);
+                    let (qx1, xs1) = qx_u8x16(_mm256_extracti128_si256(q2, 1), base.add(16));
+                    let (s0, s1) = (*b.add(s), *b.add(s + 1));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (s0 & 15) as f32), qx0, acc);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (s1 & 15) as f32), qx1, acc);
+                    accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin * (s0 >> 4) as f32), xs0, accm);
+                    accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin * (s1 >> 4) as f32), xs1, accm);
+                }
+            }
+        }
+        hsum_ps(acc) - hsum_ps(accm)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -91,6 +123,7 @@ pub(crate) mod avx2 {
         for (i, &dx) in xd.iter().enumerate() {
             let b = row.as_ptr().add(i * BLOCK_BYTES);
             let q8 = xq.as_ptr().add(i * QK);
+            prefetch_block(b, BLOCK_BYTES);
             let d = dx * f16_1(u16::from_le_bytes([*b.add(80), *b.add(81)]));
             let dmin = dx * f16_1(u16::from_le_bytes([*b.add(82), *b.add(83)]));
             let sc8 = _mm_loadu_si128(b as *const __m128i);

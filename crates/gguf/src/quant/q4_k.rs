@@ -25,19 +25,21 @@ pub(crate) fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, m)
 }
 
+/// Decode one block (fixed-size views so the inner loop vectorises).
 #[inline(always)]
 pub(crate) fn dequant_block(b: &[u8], out: &mut [f32]) {
-    let d = f16_to_f32(rd_u16(b, 0));
-    let dmin = f16_to_f32(rd_u16(b, 2));
+    let (Ok(b), Ok(out)) = (<&[u8; BLOCK_BYTES]>::try_from(b), <&mut [f32; QK]>::try_from(out)) else { return };
+    let d = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+    let dmin = f16_to_f32(u16::from_le_bytes([b[2], b[3]]));
     let (sc, m) = scales_mins(&b[4..16]);
-    let qs = &b[16..144];
     for c in 0..4 {
         let (d1, m1) = (d * sc[2 * c] as f32, dmin * m[2 * c] as f32);
         let (d2, m2) = (d * sc[2 * c + 1] as f32, dmin * m[2 * c + 1] as f32);
+        let qs = &b[16 + 32 * c..16 + 32 * c + 32];
+        let (lo, hi) = out[64 * c..64 * c + 64].split_at_mut(32);
         for l in 0..32 {
-            let q = qs[32 * c + l];
-            out[64 * c + l] = d1 * (q & 15) as f32 - m1;
-            out[64 * c + 32 + l] = d2 * (q >> 4) as f32 - m2;
+            lo[l] = d1 * (qs[l] & 15) as f32 - m1;
+            hi[l] = d2 * (qs[l] >> 4) as f32 - m2;
         }
     }
 }
@@ -82,9 +84,31 @@ pub(crate) mod avx2 {
     use crate::quant::simd::avx2::*;
     use std::arch::x86_64::*;
 
+    /// f32 path: per 32-value sub-block `d·sc·Σq·x − dmin·m·Σx` (re-associated
+    /// like ggml; equal to the dequantised dot up to f32 rounding).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
-        super::super::dot_via_dequant(row, x, BLOCK_BYTES, dequant_block)
+        let m4 = _mm256_set1_epi8(15);
+        let mut acc = _mm256_setzero_ps();
+        let mut accm = _mm256_setzero_ps();
+        for i in 0..x.len() / QK {
+            let b = row.as_ptr().add(i * BLOCK_BYTES);
+            prefetch_block(b, BLOCK_BYTES);
+            let d = f16_1(u16::from_le_bytes([*b, *b.add(1)]));
+            let dmin = f16_1(u16::from_le_bytes([*b.add(2), *b.add(3)]));
+            let (sc, m) = scales_mins(std::slice::from_raw_parts(b.add(4), 12));
+            let xb = x.as_ptr().add(i * QK);
+            for c in 0..4 {
+                let bits = _mm256_loadu_si256(b.add(16 + 32 * c) as *const __m256i);
+                let (qx0, xs0) = qx_u8x32(_mm256_and_si256(bits, m4), xb.add(64 * c));
+                let (qx1, xs1) = qx_u8x32(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), xb.add(64 * c + 32));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[2 * c] as f32), qx0, acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[2 * c + 1] as f32), qx1, acc);
+                accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin * m[2 * c] as f32), xs0, accm);
+                accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin * m[2 * c + 1] as f32), xs1, accm);
+            }
+        }
+        hsum_ps(acc) - hsum_ps(accm)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -95,13 +119,14 @@ pub(crate) mod avx2 {
         for (i, &dx) in xd.iter().enumerate() {
             let b = row.as_ptr().add(i * BLOCK_BYTES);
             let q8 = xq.as_ptr().add(i * QK);
+            prefetch_block(b, BLOCK_BYTES);
             let d = dx * f16_1(u16::from_le_bytes([*b, *b.add(1)]));
             let dmin = dx * f16_1(u16::from_le_bytes([*b.add(2), *b.add(3)]));
             let (sc, m) = scales_mins(std::slice::from_raw_parts(b.add(4), 12));
             let bs = bsums.as_ptr().add(i * 16);
             let mut summ = 0i32;
-            for k in 0..8 {
-                summ += m[k] as i32 * (*bs.add(2 * k) as i32 + *bs.add(2 * k + 1) as i32);
+            for (k, &mk) in m.iter().enumerate() {
+                summ += mk as i32 * (*bs.add(2 * k) as i32 + *bs.add(2 * k + 1) as i32);
             }
             let mut sumi = _mm256_setzero_si256();
             for c in 0..4 {

@@ -91,6 +91,7 @@ pub(crate) mod avx2 {
         let mut acc1 = _mm256_setzero_ps();
         for i in 0..nb {
             let b = r.add(i * BLOCK_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH) as *const i8);
             let d = _mm256_set1_ps(f16_1(u16::from_le_bytes([*b, *b.add(1)])));
             let q = _mm256_loadu_si256(b.add(2) as *const __m256i);
             let xb = xp.add(i * QK);
@@ -107,19 +108,37 @@ pub(crate) mod avx2 {
         hsum_ps(_mm256_add_ps(acc0, acc1))
     }
 
+    /// (d_w·d_x broadcast, Σ q_w·q_x as f32 lanes) of block `i`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block(r: *const u8, qp: *const i8, xd: &[f32], i: usize) -> (__m256, __m256) {
+        let b = r.add(i * BLOCK_BYTES);
+        let dw = f16_1(u16::from_le_bytes([*b, *b.add(1)]));
+        let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
+        let a = _mm256_loadu_si256(qp.add(i * QK) as *const __m256i);
+        (_mm256_set1_ps(dw * *xd.get_unchecked(i)), _mm256_cvtepi32_ps(dot_i8x32(w, a)))
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q8(row: &[u8], xd: &[f32], xq: &[i8]) -> f32 {
         let nb = xd.len();
         let (r, qp) = (row.as_ptr(), xq.as_ptr());
-        let mut acc = _mm256_setzero_ps();
-        for i in 0..nb {
-            let b = r.add(i * BLOCK_BYTES);
-            let dw = f16_1(u16::from_le_bytes([*b, *b.add(1)]));
-            let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
-            let a = _mm256_loadu_si256(qp.add(i * QK) as *const __m256i);
-            let p = _mm256_cvtepi32_ps(dot_i8x32(w, a));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd.get_unchecked(i)), p, acc);
+        // Two blocks per iteration into two accumulators (shorter dependency chains).
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 2 <= nb {
+            _mm_prefetch::<_MM_HINT_T0>(r.add(i * BLOCK_BYTES).wrapping_add(PREFETCH) as *const i8);
+            let (d0, p0) = block(r, qp, xd, i);
+            let (d1, p1) = block(r, qp, xd, i + 1);
+            acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+            acc1 = _mm256_fmadd_ps(d1, p1, acc1);
+            i += 2;
         }
-        hsum_ps(acc)
+        if i < nb {
+            let (d0, p0) = block(r, qp, xd, i);
+            acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+        }
+        hsum_ps(_mm256_add_ps(acc0, acc1))
     }
 }

@@ -34,8 +34,8 @@ pub fn quantize_acts_q8_k(x: &[f32]) -> Q8KActs {
         }
         if amax == 0.0 {
             a.d.push(0.0);
-            a.qs.extend(std::iter::repeat_n(0i8, QK));
-            a.bsums.extend(std::iter::repeat_n(0i16, 16));
+            a.qs.extend(std::iter::repeat(0i8).take(QK));
+            a.bsums.extend(std::iter::repeat(0i16).take(16));
             continue;
         }
         let iscale = -127.0 / max;

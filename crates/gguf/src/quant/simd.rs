@@ -27,9 +27,43 @@ pub fn simd_available() -> bool {
     }
 }
 
+/// Wrapping sum of `data` as little-endian u64 words (trailing bytes ignored):
+/// a pure streaming read used to measure memory bandwidth (AVX2 when enabled,
+/// so the probe is never compute-bound).
+pub fn read_probe(data: &[u8]) -> u64 {
+    let words = data.len() / 8;
+    #[cfg(target_arch = "x86_64")]
+    if simd_enabled() {
+        // SAFETY: AVX2 present; reads stay within the first 8·words bytes.
+        return unsafe { avx2::read_probe(data.as_ptr(), words) };
+    }
+    data[..words * 8]
+        .chunks_exact(8)
+        .fold(0u64, |a, c| a.wrapping_add(u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])))
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
+
+    /// Software prefetch distance in bytes ahead of the current weight block.
+    /// The hardware prefetcher alone leaves the compute-heavier formats
+    /// latency-bound when streaming from DRAM. (Prefetching past the end of
+    /// a slice is harmless: prefetches never fault.)
+    pub const PREFETCH: usize = 1024;
+
+    /// Prefetch the block `PREFETCH` bytes ahead of `b` (every cache line of it).
+    #[inline(always)]
+    pub fn prefetch_block(b: *const u8, block_bytes: usize) {
+        let p = b.wrapping_add(PREFETCH);
+        let mut o = 0;
+        while o < block_bytes {
+            // SAFETY: prefetch is a hint and never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8) };
+            o += 64;
+        }
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(block_bytes - 1) as *const i8) };
+    }
 
     /// Horizontal sum of 8 f32 lanes.
     #[inline]
@@ -95,5 +129,46 @@ pub(crate) mod avx2 {
             i += 8;
         }
         hsum_ps(_mm256_add_ps(acc0, acc1))
+    }
+
+    /// `(Σ q_i·x_i, Σ x_i)` lane-wise for 16 unsigned bytes `q` and 16 f32 at `x`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn qx_u8x16(q: __m128i, x: *const f32) -> (__m256, __m256) {
+        let x0 = _mm256_loadu_ps(x);
+        let x1 = _mm256_loadu_ps(x.add(8));
+        let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+        let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
+        (_mm256_fmadd_ps(q1, x1, _mm256_mul_ps(q0, x0)), _mm256_add_ps(x0, x1))
+    }
+
+    /// `(Σ q_i·x_i, Σ x_i)` lane-wise for 32 unsigned bytes `q` and 32 f32 at `x`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn qx_u8x32(q: __m256i, x: *const f32) -> (__m256, __m256) {
+        let (a, sa) = qx_u8x16(_mm256_castsi256_si128(q), x);
+        let (b, sb) = qx_u8x16(_mm256_extracti128_si256(q, 1), x.add(16));
+        (_mm256_add_ps(a, b), _mm256_add_ps(sa, sb))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn read_probe(p: *const u8, words: usize) -> u64 {
+        let mut acc = [_mm256_setzero_si256(); 4];
+        let mut i = 0;
+        while i + 16 <= words {
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_epi64(*a, _mm256_loadu_si256(p.add(8 * (i + 4 * k)) as *const __m256i));
+            }
+            i += 16;
+        }
+        let s = _mm256_add_epi64(_mm256_add_epi64(acc[0], acc[1]), _mm256_add_epi64(acc[2], acc[3]));
+        let mut lanes = [0u64; 4];
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, s);
+        let mut total = lanes.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+        while i < words {
+            total = total.wrapping_add((p.add(8 * i) as *const u64).read_unaligned());
+            i += 1;
+        }
+        total
     }
 }

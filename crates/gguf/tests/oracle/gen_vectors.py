@@ -8,6 +8,7 @@ For each format writes `deq_<TYPE>.bin`:
     u32 n_elems, u32 n_bytes, n_bytes raw block bytes, n_elems f32 (gguf-py dequantised)
 and for the encoders `quant_<TYPE>.bin`:
     u32 n_elems, u32 n_bytes, n_elems f32 input, n_bytes gguf-py quantised bytes
+Committed vectors were made with gguf-py 0.19.0 and numpy 2.4.6.
 All little-endian. gguf-py dequantises in float32; every product involved is
 exact in f32 (f16 scale times small integers), so results must match bit for bit.
 """

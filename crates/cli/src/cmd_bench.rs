@@ -1,0 +1,199 @@
+//! `dsv4 bench kernels`: memory bandwidth vs CPU matvec throughput.
+//!
+//! The matvec kernels are memory-bound at decode time, so they are judged
+//! by weight bytes streamed per second relative to the machine's measured
+//! read bandwidth. Weight matrices are made larger than the caches so every
+//! repetition streams from DRAM.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use dsv4_gguf::kernels::{matvec, matvec_q8, quantize_acts};
+use dsv4_gguf::quant::simd::read_probe;
+use dsv4_gguf::quant::{f32_to_bf16, f32_to_f16, simd_enabled};
+use dsv4_gguf::GgmlType;
+use dsv4_gguf::rayon::{self, prelude::*};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to benchmark: `kernels`.
+    pub what: String,
+    /// Worker threads (default: rayon's default, one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Weight bytes per type in MiB (keep it well above the last-level cache).
+    #[arg(long, default_value_t = 256)]
+    pub size_mb: usize,
+    /// Buffer for the bandwidth test in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub bw_mb: usize,
+    /// Timed repetitions per measurement (best and median are reported).
+    #[arg(long, default_value_t = 7)]
+    pub reps: usize,
+    /// Columns (input width) of the benchmark matrices.
+    #[arg(long, default_value_t = 4096)]
+    pub cols: usize,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.what != "kernels" {
+        bail!("unknown benchmark {:?} (available: kernels)", a.what);
+    }
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = a.threads {
+        builder = builder.num_threads(t);
+    }
+    let pool = builder.build().context("building the thread pool")?;
+    pool.install(|| bench_kernels(&a))
+}
+
+/// One benchmark row's result.
+#[derive(Debug, Clone)]
+pub struct KernelResult {
+    pub ty: GgmlType,
+    pub f32_best: f64,
+    pub f32_median: f64,
+    pub q8_best: f64,
+    pub q8_median: f64,
+}
+
+fn bench_kernels(a: &BenchArgs) -> Result<()> {
+    println!(
+        "threads: {}, SIMD (AVX2+FMA+F16C): {}, weights: {} MiB per type, {} reps",
+        rayon::current_num_threads(),
+        if simd_enabled() { "on" } else { "off" },
+        a.size_mb,
+        a.reps
+    );
+    let (bw_best, bw_med) = measure_bandwidth(a.bw_mb << 20, a.reps);
+    println!("memory read bandwidth: best {bw_best:.2} GB/s, median {bw_med:.2} GB/s ({} MiB buffer)\n", a.bw_mb);
+    println!("{:<8} {:>12} {:>8} {:>12} {:>8}   (GB/s of weight bytes, best of {}; median in brackets)", "type", "f32 path", "% bw", "q8 path", "% bw", a.reps);
+    let types = [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::Q4_K, GgmlType::IQ2_XXS];
+    for ty in types {
+        let r = bench_type(ty, a.cols, a.size_mb << 20, a.reps)?;
+        println!(
+            "{:<8} {:>6.2} [{:>5.2}] {:>5.0}% {:>6.2} [{:>5.2}] {:>5.0}%",
+            r.ty.name(),
+            r.f32_best,
+            r.f32_median,
+            100.0 * r.f32_best / bw_best,
+            r.q8_best,
+            r.q8_median,
+            100.0 * r.q8_best / bw_best
+        );
+    }
+    Ok(())
+}
+
+fn best_median(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| b.total_cmp(a));
+    (v[0], v[v.len() / 2])
+}
+
+/// Multi-threaded streaming read of a large buffer (AVX2 sum when available);
+/// GB/s (1e9 bytes/s), best and median.
+pub fn measure_bandwidth(bytes: usize, reps: usize) -> (f64, f64) {
+    let mut buf = vec![0u8; bytes];
+    // Touch every page (and make the content non-trivial) before timing.
+    buf.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| c.fill(i as u8));
+    let chunk = (bytes / (rayon::current_num_threads() * 8)).max(1 << 16);
+    let mut rates = Vec::new();
+    let mut sink = 0u64;
+    for _ in 0..reps.max(1) + 1 {
+        let t = Instant::now();
+        let s: u64 = buf.par_chunks(chunk).map(read_probe).reduce(|| 0, u64::wrapping_add);
+        let dt = t.elapsed().as_secs_f64();
+        sink = sink.wrapping_add(s);
+        rates.push(bytes as f64 / dt / 1e9);
+    }
+    std::hint::black_box(sink);
+    rates.remove(0); // warm-up
+    best_median(rates)
+}
+
+/// Valid random weight data for `ty` (random quants, small finite scales).
+pub fn synthetic_weights(ty: GgmlType, n_blocks: usize) -> Vec<u8> {
+    let bb = ty.block_bytes();
+    let mut v = vec![0u8; n_blocks * bb];
+    v.par_chunks_mut(bb * 4096).enumerate().for_each(|(ci, c)| {
+        let mut s = 0x9E37_79B9_7F4A_7C15u64 ^ (ci as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for b in c.chunks_exact_mut(bb) {
+            for byte in b.iter_mut() {
+                *byte = next() as u8;
+            }
+            let small = ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02;
+            let h = f32_to_f16(small).to_le_bytes();
+            match ty {
+                GgmlType::F32 => b.copy_from_slice(&(small * 50.0).to_le_bytes()),
+                GgmlType::F16 => b.copy_from_slice(&f32_to_f16(small * 50.0).to_le_bytes()),
+                GgmlType::BF16 => b.copy_from_slice(&f32_to_bf16(small * 50.0).to_le_bytes()),
+                GgmlType::Q8_0 | GgmlType::IQ2_XXS => b[..2].copy_from_slice(&h),
+                GgmlType::Q4_K => {
+                    b[..2].copy_from_slice(&h);
+                    b[2..4].copy_from_slice(&h);
+                }
+                GgmlType::Q2_K => {
+                    b[80..82].copy_from_slice(&h);
+                    b[82..84].copy_from_slice(&h);
+                }
+                _ => {}
+            }
+        }
+    });
+    v
+}
+
+/// Throughput of `matvec` and `matvec_q8` for one type over ~`bytes` of weights.
+pub fn bench_type(ty: GgmlType, n_cols: usize, bytes: usize, reps: usize) -> Result<KernelResult> {
+    let rb = ty.row_bytes(n_cols).with_context(|| format!("{n_cols} columns are not whole {ty} blocks"))?;
+    let n_rows = (bytes / rb).max(1);
+    let w = synthetic_weights(ty, n_rows * n_cols / ty.block_elems());
+    let x: Vec<f32> = (0..n_cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+    let mut y = vec![0f32; n_rows];
+    let total = w.len() as f64;
+    let mut time = |f: &mut dyn FnMut(&mut [f32])| {
+        let mut rates = Vec::new();
+        for i in 0..reps.max(1) + 1 {
+            let t = Instant::now();
+            f(&mut y);
+            let dt = t.elapsed().as_secs_f64();
+            if i > 0 {
+                rates.push(total / dt / 1e9);
+            }
+        }
+        std::hint::black_box(&y);
+        best_median(rates)
+    };
+    let (f32_best, f32_median) = time(&mut |y| matvec(ty, &w, n_rows, n_cols, &x, y));
+    let (q8_best, q8_median) = time(&mut |y| {
+        let xq = quantize_acts(ty, &x);
+        matvec_q8(ty, &w, n_rows, n_cols, &xq, y)
+    });
+    Ok(KernelResult { ty, f32_best, f32_median, q8_best, q8_median })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_weights_decode_and_bench_runs() {
+        for ty in [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::Q4_K, GgmlType::IQ2_XXS] {
+            let n = 4 * ty.block_elems().max(256);
+            let w = synthetic_weights(ty, n / ty.block_elems());
+            let v = dsv4_gguf::quant::dequantize_vec(ty, &w, n).unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{ty}");
+            let r = bench_type(ty, 256, 64 * 1024, 1).unwrap();
+            assert!(r.f32_best > 0.0 && r.q8_best > 0.0);
+        }
+        let (bw, _) = measure_bandwidth(1 << 20, 1);
+        assert!(bw > 0.0);
+    }
+}
