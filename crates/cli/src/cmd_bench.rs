@@ -17,8 +17,25 @@ use dsv4_gguf::rayon::{self, prelude::*};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to benchmark: `kernels`.
+    /// What to benchmark: `kernels` (CPU matvec vs memory bandwidth) or
+    /// `synthetic` (a full-shape random-weight model on the GPU: decode at
+    /// context frontiers and prefill, CSV with ratios to the bandwidth floor).
     pub what: String,
+    /// synthetic: routed-expert recipe, q2 or q4.
+    #[arg(long, default_value = "q2")]
+    pub synthetic: String,
+    /// synthetic: layers to build (43 = the full model; fewer on 80 GB cards).
+    #[arg(long, default_value_t = 8)]
+    pub layers: usize,
+    /// synthetic: context frontiers for decode, comma-separated.
+    #[arg(long, default_value = "2048,8192,32768,131072")]
+    pub ctx_points: String,
+    /// synthetic: timed decode steps per frontier.
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    /// synthetic: prompt tokens for the prefill measurement (0 = skip).
+    #[arg(long, default_value_t = 2048)]
+    pub prefill: usize,
     /// Worker threads (default: rayon's default, one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -37,8 +54,11 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.what == "synthetic" {
+        return synthetic(&a);
+    }
     if a.what != "kernels" {
-        bail!("unknown benchmark {:?} (available: kernels)", a.what);
+        bail!("unknown benchmark {:?} (available: kernels, synthetic)", a.what);
     }
     let mut builder = rayon::ThreadPoolBuilder::new();
     if let Some(t) = a.threads {
@@ -196,4 +216,19 @@ mod tests {
         let (bw, _) = measure_bandwidth(1 << 20, 1);
         assert!(bw > 0.0);
     }
+}
+
+/// `dsv4 bench synthetic`: see dsv4_cuda::bench. GPU only for now.
+fn synthetic(a: &BenchArgs) -> Result<()> {
+    let recipe = dsv4_cuda::synthetic::Recipe::parse(&a.synthetic).with_context(|| format!("unknown recipe {:?} (q2 or q4)", a.synthetic))?;
+    if let Err(why) = dsv4_cuda::available() {
+        bail!("`bench synthetic` needs a CUDA GPU ({why}); the CPU path is benchmarked by `bench kernels`");
+    }
+    let ctx_points = a
+        .ctx_points
+        .split(',')
+        .map(|x| x.trim().parse::<usize>().with_context(|| format!("bad context point {x:?}")))
+        .collect::<Result<Vec<_>>>()?;
+    let opts = dsv4_cuda::bench::BenchOpts { recipe, layers: a.layers, ctx_points, decode_steps: a.steps, prefill_tokens: a.prefill, max_chunk: 256 };
+    dsv4_cuda::bench::run(&opts, &mut |s| println!("{s}")).map_err(|e| anyhow::anyhow!("{e}"))
 }

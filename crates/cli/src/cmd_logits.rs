@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use dsv4_engine::fixture::{self, Tokens};
-use dsv4_engine::{Backend, CpuBackend, Model, Numerics};
+use dsv4_engine::{Model, Numerics};
 
 #[derive(Args)]
 pub struct LogitsArgs {
@@ -26,7 +26,7 @@ pub struct LogitsArgs {
     /// Prefill chunk size (0 = whole prompt in one call).
     #[arg(long, default_value_t = 0)]
     pub chunk: usize,
-    /// Backend: cpu (cuda arrives with the CUDA backend).
+    /// Backend: cpu (the reference), cuda, or auto.
     #[arg(long, default_value = "cpu")]
     pub backend: String,
     /// Quantise activations to 8 bits for quantised-weight dot products (ds4's CPU numerics).
@@ -38,17 +38,15 @@ pub struct LogitsArgs {
 }
 
 pub fn run(a: LogitsArgs) -> Result<()> {
-    if a.backend != "cpu" {
-        bail!("backend `{}` is not available in this build (use --backend cpu)", a.backend);
-    }
     let mut model = Model::load_with_mtp(&a.model, a.mtp.as_deref()).with_context(|| format!("loading {}", a.model.display()))?;
     if a.q8 {
         model.numerics = Numerics::Q8;
     }
     let model = Arc::new(model);
     let tokens = Tokens::load(&a.tokens)?;
-    let mut be = CpuBackend::new(model.clone());
-    let out = fixture::run(&mut be, &tokens, a.chunk, true, model.has_mtp())?;
+    let ctx = tokens.sequence.len().max(tokens.prompt.len()) + 16;
+    let mut be = crate::backends::make(&a.backend, model.clone(), ctx)?;
+    let out = fixture::run(be.as_mut(), &tokens, a.chunk, true, model.has_mtp())?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let files: [(&str, &Vec<f32>); 5] = [
         ("logits_prefill_last.f32", &out.prefill_last),

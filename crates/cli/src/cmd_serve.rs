@@ -1,8 +1,87 @@
-//! `dsv4 serve` (placeholder while the server issue is in progress).
-use anyhow::{bail, Result};
+//! `dsv4 serve`: parses the flags, loads the model into the real generator
+//! (or a scripted mock for protocol tests via `DSV4_SERVE_MOCK_SCRIPT`), and
+//! hands over to dsv4-server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use dsv4_server::engine_gen::{DiskSettings, EngineGenerator};
+use dsv4_server::mock::MockGenerator;
+use dsv4_server::{AppState, Generator, ServerConfig};
+
 #[derive(Args)]
-pub struct ServeArgs {}
-pub fn run(_a: ServeArgs) -> Result<()> {
-    bail!("`dsv4 serve` is not implemented yet")
+pub struct ServeArgs {
+    /// GGUF model file.
+    #[arg(short = 'm', long = "model")]
+    pub model: Option<PathBuf>,
+    /// Address to bind. Without --api-key keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Context size in tokens.
+    #[arg(long, default_value_t = 32768)]
+    pub ctx: usize,
+    /// Backend: auto (CUDA when a GPU is usable, else CPU), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+    /// Directory of the disk KV cache (off when absent).
+    #[arg(long)]
+    pub kv_disk_dir: Option<PathBuf>,
+    /// Disk KV cache budget in MiB.
+    #[arg(long, default_value_t = 8192)]
+    pub kv_disk_space_mb: u64,
+    /// Require this key (`Authorization: Bearer KEY` or `x-api-key`). Also read from DSV4_API_KEY.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Allow cross-origin requests from any origin.
+    #[arg(long)]
+    pub cors: bool,
+    /// Requests that may wait for the worker; more get 429 + Retry-After.
+    #[arg(long, default_value_t = 16)]
+    pub max_queue: usize,
+    /// Largest request body in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub max_body_mb: usize,
+    /// Tool-call ids whose exact sampled DSML is remembered.
+    #[arg(long, default_value_t = 100_000)]
+    pub tool_memory_max_ids: usize,
+    /// SSE keep-alive interval in seconds (covers long prefills).
+    #[arg(long, default_value_t = 10)]
+    pub keepalive_s: u64,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let cfg = ServerConfig {
+        api_key: a.api_key.clone().or_else(|| std::env::var("DSV4_API_KEY").ok()).filter(|k| !k.is_empty()),
+        body_limit: a.max_body_mb.max(1) << 20,
+        queue: a.max_queue.max(1),
+        keepalive: Duration::from_secs(a.keepalive_s.max(1)),
+        cors: a.cors,
+        tool_memory_max_ids: a.tool_memory_max_ids,
+        ..ServerConfig::default()
+    };
+    let generator: Box<dyn Generator> = match std::env::var_os("DSV4_SERVE_MOCK_SCRIPT") {
+        // Test-only: a scripted generator instead of the model (see crates/server/src/mock.rs).
+        Some(p) => {
+            let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", PathBuf::from(&p).display()))?;
+            Box::new(MockGenerator::from_json(&text).context("parsing the mock script")?)
+        }
+        None => {
+            let Some(model) = &a.model else { bail!("--model is required") };
+            let disk = a.kv_disk_dir.clone().map(|dir| DiskSettings { dir, space_mb: a.kv_disk_space_mb });
+            eprintln!("loading {} (ctx {})…", model.display(), a.ctx);
+            let backend = a.backend.clone();
+            Box::new(
+                EngineGenerator::load_with(model, a.ctx, disk, &|m, ctx| crate::backends::make(&backend, m, ctx).map_err(|e| format!("{e:#}")))
+                    .map_err(anyhow::Error::msg)?,
+            )
+        }
+    };
+    let addr = SocketAddr::new(a.host, a.port);
+    dsv4_server::run_blocking(addr, move || AppState::new(generator, cfg)).context("server")?;
+    Ok(())
 }

@@ -5,6 +5,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod backends;
 mod cmd_bench;
 mod cmd_convert;
 mod cmd_gguf;

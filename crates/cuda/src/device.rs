@@ -333,14 +333,14 @@ pub fn full_source() -> String {
     use dsv4_gguf::quant::iq2_tables::{IQ2XXS_GRID, KSIGNS_IQ2XS};
     let mut s = String::new();
     s.push_str(include_str!("kernels/common.cuh"));
-    s.push_str("\n__constant__ u64 IQ2XXS_GRID[256] = {");
+    s.push_str("\n// global (not __constant__): blocks copy them to shared memory with\n// coalesced loads; constant memory would serialise the per-thread indices\n__device__ u64 IQ2XXS_GRID[256] = {");
     for (i, v) in IQ2XXS_GRID.iter().enumerate() {
         if i % 8 == 0 {
             s.push('\n');
         }
         s.push_str(&format!("0x{v:016x}ull,"));
     }
-    s.push_str("};\n__constant__ u8 KSIGNS_IQ2XS[128] = {");
+    s.push_str("};\n__device__ u8 KSIGNS_IQ2XS[128] = {");
     for v in KSIGNS_IQ2XS.iter() {
         s.push_str(&format!("{v},"));
     }

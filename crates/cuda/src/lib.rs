@@ -16,7 +16,9 @@ pub mod bench;
 use std::io::IsTerminal;
 use std::sync::Arc;
 
-use dsv4_engine::{Backend, Config, EngineError, EvalOutput, Model, Want};
+use dsv4_engine::backend::{Snapshot, SnapshotKind};
+use dsv4_engine::state_io::Fingerprint;
+use dsv4_engine::{Backend, Config, EngineError, EvalOutput, Model, State, Want};
 
 pub use device::{probe, Gpu};
 pub use error::CudaError;
@@ -94,5 +96,37 @@ impl Backend for CudaBackend {
     }
     fn name(&self) -> &'static str {
         "cuda"
+    }
+    fn fingerprint(&self) -> Fingerprint {
+        self.cpu_model.fingerprint
+    }
+    fn ctx(&self) -> usize {
+        self.gpu_model.ctx
+    }
+    fn state_bytes(&self) -> usize {
+        self.gpu_model.state_bytes(&self.state) + self.mtp_state.as_ref().map_or(0, |s| self.gpu_model.state_bytes(s))
+    }
+    /// Both kinds are host copies of the full state (a Frontier is restorable
+    /// in more cases than promised, never fewer).
+    fn snapshot(&self, kind: SnapshotKind) -> Result<Snapshot, EngineError> {
+        let st = self.export_state()?;
+        let bytes = st.heap_bytes();
+        Ok(Snapshot { pos: st.pos, kind, bytes, data: Box::new(st) })
+    }
+    fn restore(&mut self, snap: &Snapshot) -> Result<(), EngineError> {
+        let st = snap.data.downcast_ref::<State>().ok_or_else(|| EngineError::Backend("snapshot was not made by the CUDA backend".into()))?;
+        self.import_state(st.clone())
+    }
+    fn export_state(&self) -> Result<State, EngineError> {
+        self.gpu_model.gpu.bind()?;
+        Ok(self.gpu_model.export_state(&self.state, &self.gpu_model.cfg.compress_ratios)?)
+    }
+    fn import_state(&mut self, st: State) -> Result<(), EngineError> {
+        self.gpu_model.gpu.bind()?;
+        self.gpu_model.import_state(&mut self.state, &st)?;
+        if let Some(m) = self.mtp_state.as_mut() {
+            self.gpu_model.reset_state(m)?;
+        }
+        Ok(())
     }
 }

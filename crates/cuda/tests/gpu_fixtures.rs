@@ -94,3 +94,53 @@ fn cuda_ablation_breaks_comparison() {
     assert!(s.max_abs > 0.05, "skipping FP8 must fail (max_abs {})", s.max_abs);
     assert_eq!(gpu.name(), "cuda");
 }
+
+/// A CUDA session saved to the versioned payload and loaded into a fresh CUDA
+/// backend continues with bit-identical logits; so does an in-RAM snapshot.
+#[test]
+fn cuda_session_save_load_is_bit_exact() {
+    use dsv4_engine::session::{Session, SessionOptions};
+    if !gpu_or_skip() {
+        return;
+    }
+    let dir = fixture_dir("tiny-q2");
+    let tokens = Tokens::load(&dir.join("tokens.json")).unwrap();
+    let model = Arc::new(Model::load(&dir.join("model.gguf")).unwrap());
+    let mk = || Session::new(Box::new(CudaBackend::new(model.clone(), 1024, 32).unwrap()), SessionOptions::default());
+    let mut a = mk();
+    a.sync(&tokens.prompt, &mut |_, _| {}).unwrap();
+    let mut payload = Vec::new();
+    a.save(&mut payload).unwrap();
+    let snap = a.snapshot().unwrap();
+    let mut cont_a = Vec::new();
+    for &t in &tokens.decode {
+        a.extend(&[t], &mut |_, _| {}).unwrap();
+        cont_a.extend_from_slice(a.logits());
+    }
+    let mut b = mk();
+    b.load(&mut payload.as_slice()).unwrap();
+    assert_eq!(b.tokens(), &tokens.prompt[..]);
+    let mut cont_b = Vec::new();
+    for &t in &tokens.decode {
+        b.extend(&[t], &mut |_, _| {}).unwrap();
+        cont_b.extend_from_slice(b.logits());
+    }
+    assert!(cont_a.iter().zip(&cont_b).all(|(x, y)| x.to_bits() == y.to_bits()), "save/load continuation differs");
+    a.restore(&snap).unwrap();
+    let mut cont_c = Vec::new();
+    for &t in &tokens.decode {
+        a.extend(&[t], &mut |_, _| {}).unwrap();
+        cont_c.extend_from_slice(a.logits());
+    }
+    assert!(cont_a.iter().zip(&cont_c).all(|(x, y)| x.to_bits() == y.to_bits()), "snapshot/restore continuation differs");
+    // and the CPU reference agrees with the CUDA continuation to float noise
+    let mut cpu = Session::new(Box::new(CpuBackend::new(model.clone())), SessionOptions::default());
+    cpu.sync(&tokens.prompt, &mut |_, _| {}).unwrap();
+    let mut cont_cpu = Vec::new();
+    for &t in &tokens.decode {
+        cpu.extend(&[t], &mut |_, _| {}).unwrap();
+        cont_cpu.extend_from_slice(cpu.logits());
+    }
+    let d = cont_a.iter().zip(&cont_cpu).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(d < 1e-3, "CUDA vs CPU session logits differ by {d}");
+}

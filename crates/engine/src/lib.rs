@@ -11,9 +11,13 @@ pub mod error;
 pub mod fixture;
 pub mod model;
 pub mod ops;
+pub mod sampler;
+pub mod session;
+pub mod kvdisk;
+pub mod state_io;
 pub mod weights;
 
-pub use backend::{Backend, CpuBackend};
+pub use backend::{Backend, CpuBackend, Snapshot, SnapshotKind};
 pub use config::Config;
 pub use error::{EngineError, Result};
 pub use model::{EvalOutput, Model, Numerics, State, Want};

@@ -42,6 +42,8 @@ pub struct Model {
     pub max_chunk: usize,
     /// Ablation for tests only: skip the FP8 round trip of KV rows (must break fixtures).
     pub ablate_kv_fp8: bool,
+    /// Identifies these weights in saved states (computed once at load).
+    pub fingerprint: crate::state_io::Fingerprint,
 }
 
 /// Streaming state of one compressor: `slots` partial tokens of `coff·d` values.
@@ -112,8 +114,11 @@ impl Model {
         let cfg = Config::from_gguf(&file)?;
         let w = Weights::bind_with_mtp(&cfg, &file, mtp_file.as_ref())?;
         let rope_plain = Rope::new(cfg.rope_dim, cfg.rope_theta, None);
+        let mut files: Vec<&GgufFile> = vec![&file];
+        files.extend(mtp_file.as_deref());
+        let fingerprint = crate::state_io::Fingerprint::of_gguf(&cfg, &files);
         let rope_yarn = Rope::new(cfg.rope_dim, cfg.compress_rope_theta, Some(cfg.yarn()));
-        Ok(Model { cfg, w, numerics: Numerics::F32, rope_plain, rope_yarn, max_chunk: 512, ablate_kv_fp8: false })
+        Ok(Model { cfg, w, numerics: Numerics::F32, rope_plain, rope_yarn, max_chunk: 512, ablate_kv_fp8: false, fingerprint })
     }
 
     pub fn has_mtp(&self) -> bool {

@@ -406,17 +406,24 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
                     }
                 }
         }
+        // warps add their partials in a fixed order (no atomics): results are
+        // bit-reproducible run to run, which saved/restored sessions rely on
+        for (int w = 0; w < nw; w++) {
+            if (wp == w) {
 #pragma unroll
-        for (int h = 0; h < HB; h++)
+                for (int h = 0; h < HB; h++)
 #pragma unroll
-            for (int i = 0; i < ATT_D / 128; i++)
-                if (i < nd) {
-                    float* o = oacc + h * d + i * 128 + lane * 4;
-                    atomicAdd(o, acc[h][4 * i]);
-                    atomicAdd(o + 1, acc[h][4 * i + 1]);
-                    atomicAdd(o + 2, acc[h][4 * i + 2]);
-                    atomicAdd(o + 3, acc[h][4 * i + 3]);
-                }
+                    for (int i = 0; i < ATT_D / 128; i++)
+                        if (i < nd) {
+                            float* o = oacc + h * d + i * 128 + lane * 4;
+                            o[0] += acc[h][4 * i];
+                            o[1] += acc[h][4 * i + 1];
+                            o[2] += acc[h][4 * i + 2];
+                            o[3] += acc[h][4 * i + 3];
+                        }
+            }
+            __syncthreads();
+        }
     }
     __syncthreads();
     if (nsplit == 1) {

@@ -27,6 +27,13 @@ __device__ __forceinline__ void fma_x(float (&acc)[NT], const float* x, int xs, 
 // formats) and lane l takes its 4 or 8 consecutive values, so the x loads of a
 // warp are one contiguous 512 B / 1 KB run and the weight bytes of neighbouring
 // lanes are neighbours too. Chunks c0, c0+cs, ... belong to this warp.
+// Byte -> float without the quarter-rate I2F unit: place the byte in the low
+// mantissa of 2^23 (one PRMT) and subtract 2^23 (one FADD); exact for 0..255.
+// PRMT selector: result byte0 = x.byte[i], bytes 1-2 = 0, byte3 = 0x4B.
+__device__ __forceinline__ float ubyte_f(u32 w, int i) {
+    return __int_as_float(__byte_perm(w, 0x4B000000u, 0x7540u + i)) - 8388608.0f;
+}
+
 template <int NT>
 __device__ __forceinline__ void fma8(float (&acc)[NT], const float* x, int xs, int n, int e0, const float (&v)[8]) {
 #pragma unroll
@@ -108,11 +115,12 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
             u32 q0 = qp[0], q1 = qp[1];
             int sh = hi ? 4 : 0;
             float dl = d * sc, ml = dmin * m;
+            u32 n0 = (q0 >> sh) & 0x0F0F0F0Fu, n1 = (q1 >> sh) & 0x0F0F0F0Fu;
             float v[8];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                v[i] = dl * (float)((q0 >> (8 * i + sh)) & 15) - ml;
-                v[4 + i] = dl * (float)((q1 >> (8 * i + sh)) & 15) - ml;
+                v[i] = dl * ubyte_f(n0, i) - ml;
+                v[4 + i] = dl * ubyte_f(n1, i) - ml;
             }
             fma8<NT>(acc, x, xs, n, b * 256 + 8 * lane, v);
         }
@@ -128,11 +136,12 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
             float dl = d * (sc & 15), ml = dmin * (sc >> 4);
             const u32* qp = (const u32*)(blk + 16 + 32 * h + l0);
             u32 q0 = qp[0], q1 = qp[1];
+            u32 t0 = (q0 >> (2 * j)) & 0x03030303u, t1 = (q1 >> (2 * j)) & 0x03030303u;
             float v[8];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                v[i] = dl * (float)((q0 >> (8 * i + 2 * j)) & 3) - ml;
-                v[4 + i] = dl * (float)((q1 >> (8 * i + 2 * j)) & 3) - ml;
+                v[i] = dl * ubyte_f(t0, i) - ml;
+                v[4 + i] = dl * ubyte_f(t1, i) - ml;
             }
             fma8<NT>(acc, x, xs, n, b * 256 + 8 * lane, v);
         }
@@ -149,11 +158,13 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
             float db = d * (0.5f + (float)(a1 >> 28)) * 0.25f;
             u64 grid = grid_tab[q[k]];
             u32 signs = sign_tab[(a1 >> (7 * k)) & 127];
+            u32 glo = (u32)grid, ghi = (u32)(grid >> 32);
             float v[8];
 #pragma unroll
             for (int m = 0; m < 8; m++) {
-                float mag = db * (float)((grid >> (8 * m)) & 255);
-                v[m] = ((signs >> m) & 1) ? -mag : mag;
+                float mag = db * ubyte_f(m < 4 ? glo : ghi, m & 3);
+                // sign bit m of `signs` moved to bit 31 and xor-ed in
+                v[m] = __int_as_float(__float_as_int(mag) ^ ((signs << (31 - m)) & 0x80000000u));
             }
             fma8<NT>(acc, x, xs, n, b * 256 + 32 * g + 8 * k, v);
         }
