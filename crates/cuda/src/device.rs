@@ -54,7 +54,12 @@ pub struct Gpu {
     pub cc: (i32, i32),
     pub total_mem: usize,
     ctx: sys::CUcontext,
+    /// main stream (index 0) and side streams for independent branches
     pub stream: sys::CUstream,
+    side: Vec<sys::CUstream>,
+    cur: std::cell::Cell<usize>,
+    events: Vec<sys::CUevent>,
+    next_event: std::cell::Cell<usize>,
     module: sys::CUmodule,
     funcs: std::cell::RefCell<HashMap<String, sys::CUfunction>>,
     pub allocated: std::cell::Cell<usize>,
@@ -98,12 +103,57 @@ impl Gpu {
         let ctx = unsafe { cu::primary_ctx::retain(dev) }.map_err(drv("cuDevicePrimaryCtxRetain"))?;
         unsafe { cu::ctx::set_current(ctx) }.map_err(drv("cuCtxSetCurrent"))?;
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(drv("cuStreamCreate"))?;
+        let side = (0..3)
+            .map(|_| cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(drv("cuStreamCreate")))
+            .collect::<Result<Vec<_>>>()?;
+        let events = (0..64)
+            .map(|_| cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(drv("cuEventCreate")))
+            .collect::<Result<Vec<_>>>()?;
         let cubin = compile((major, minor))?;
         let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(drv("cuModuleLoadData"))?;
-        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default() })
+        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, side, cur: 0.into(), events, next_event: 0.into(), module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default() })
     }
 
     /// Make this GPU's context current on the calling thread.
+    /// The stream work is queued on now (main unless inside `on_side`).
+    pub fn cur_stream(&self) -> sys::CUstream {
+        match self.cur.get() {
+            0 => self.stream,
+            i => self.side[i - 1],
+        }
+    }
+
+    fn event(&self) -> sys::CUevent {
+        let i = self.next_event.get();
+        self.next_event.set((i + 1) % self.events.len());
+        self.events[i]
+    }
+
+    /// Run `f` with its work queued on side stream `i` (1..=3): the side
+    /// stream first waits for everything queued on the main stream so far; the
+    /// returned join token makes the main stream wait for the side work. Inside
+    /// a graph capture this becomes parallel branches of the graph.
+    pub fn on_side<T>(&self, i: usize, f: impl FnOnce() -> Result<T>) -> Result<(T, Join)> {
+        let side = self.side[i - 1];
+        let ev = self.event();
+        unsafe {
+            cu::event::record(ev, self.stream).map_err(drv("cuEventRecord"))?;
+            cu::stream::wait_event(side, ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT).map_err(drv("cuStreamWaitEvent"))?;
+        }
+        let prev = self.cur.replace(i);
+        let r = f();
+        self.cur.set(prev);
+        let v = r?;
+        let done = self.event();
+        unsafe { cu::event::record(done, side) }.map_err(drv("cuEventRecord"))?;
+        Ok((v, Join { ev: done }))
+    }
+
+    /// Main stream waits for a side branch.
+    pub fn join(&self, j: Join) -> Result<()> {
+        unsafe { cu::stream::wait_event(self.stream, j.ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }.map_err(drv("cuStreamWaitEvent"))
+    }
+
     pub fn bind(&self) -> Result<()> {
         unsafe { cu::ctx::set_current(self.ctx) }.map_err(drv("cuCtxSetCurrent"))
     }
@@ -189,11 +239,11 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
-        unsafe { cu::memcpy_dtod_async(dst, src, bytes, self.stream) }.map_err(drv("cuMemcpyDtoD"))
+        unsafe { cu::memcpy_dtod_async(dst, src, bytes, self.cur_stream()) }.map_err(drv("cuMemcpyDtoD"))
     }
 
     pub fn memset(&self, ptr: u64, byte: u8, bytes: usize) -> Result<()> {
-        unsafe { cu::memset_d8_async(ptr, byte, bytes, self.stream) }.map_err(drv("cuMemsetD8"))
+        unsafe { cu::memset_d8_async(ptr, byte, bytes, self.cur_stream()) }.map_err(drv("cuMemsetD8"))
     }
 
     pub fn sync(&self) -> Result<()> {
@@ -220,7 +270,7 @@ impl Gpu {
         } else {
             None
         };
-        unsafe { cu::launch_kernel(f, grid, block, shmem, self.stream, params) }
+        unsafe { cu::launch_kernel(f, grid, block, shmem, self.cur_stream(), params) }
             .map_err(|e| CudaError::Driver(format!("launch of `{name}` grid {grid:?} block {block:?}: {e:?}")))?;
         if let Some(t0) = t0 {
             self.sync()?;
@@ -236,6 +286,12 @@ impl Gpu {
         }
         Ok(())
     }
+}
+
+/// A side branch to wait for (see `Gpu::on_side`).
+#[must_use]
+pub struct Join {
+    ev: sys::CUevent,
 }
 
 /// An instantiated CUDA graph (destroyed on drop).

@@ -69,12 +69,24 @@ fn stage_for(w: &MatRef, rows_per_block: usize) -> (i32, u32) {
     if !stage_enabled() {
         return (0, 0);
     }
+    if rows_per_block == 0 {
+        return (0, 0);
+    }
     let quant = matches!(w.ty, GgmlType::Q8_0 | GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS);
     if quant && w.row_bytes % 16 == 0 && w.ptr % 16 == 0 && w.row_bytes * rows_per_block <= 48 * 1024 {
         (1, (w.row_bytes * rows_per_block) as u32)
     } else {
         (0, 0)
     }
+}
+
+/// Staging a single-token x vector (≤ 32 KB) in shared memory per block:
+/// measured slower on H200 (docs/perf.md, v5), so opt-in with DSV4_X_STAGE=1;
+/// kept because the kernel tests cover it and it may pay off with more rows per block.
+fn x_stage_ok(cols: usize, x: u64) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("DSV4_X_STAGE").map(|v| v == "1").unwrap_or(false));
+    on && cols % 4 == 0 && cols * F <= 32 * 1024 && x % 16 == 0
 }
 
 fn stage_enabled() -> bool {
@@ -187,6 +199,9 @@ pub(crate) struct Scratch {
     ckv: DevBuf,
     csc: DevBuf,
     pooled: DevBuf,
+    ickv: DevBuf,
+    icsc: DevBuf,
+    ipooled: DevBuf,
     iq: DevBuf,
     iw: DevBuf,
     vis: DevBuf,
@@ -419,13 +434,17 @@ impl GpuModel {
                 }
             };
             let n_rows = if r != 0 { st.pos / r } else { 0 };
-            layers.push(dsv4_engine::model::LayerState {
-                ring: g.read_f32(ls.ring.ptr, ls.ring.bytes / F)?,
-                rows: rd(&ls.rows, n_rows * self.cfg.head_dim)?,
-                comp: comp(&ls.comp_kv, &ls.comp_sc)?,
-                idx_rows: if ls.idx_rows.is_some() { rd(&ls.idx_rows, n_rows * self.cfg.index_head_dim)? } else { Vec::new() },
-                idx_comp: comp(&ls.idx_kv, &ls.idx_sc)?,
-            });
+            // the host state holds rows packed (lossless); pack the f32 device rows
+            let rows = rd(&ls.rows, n_rows * self.cfg.head_dim)?;
+            let idx_rows = if ls.idx_rows.is_some() { rd(&ls.idx_rows, n_rows * self.cfg.index_head_dim)? } else { Vec::new() };
+            layers.push(dsv4_engine::model::LayerState::from_f32_rows(
+                &self.cfg,
+                g.read_f32(ls.ring.ptr, ls.ring.bytes / F)?,
+                &rows,
+                comp(&ls.comp_kv, &ls.comp_sc)?,
+                &idx_rows,
+                comp(&ls.idx_kv, &ls.idx_sc)?,
+            )?);
         }
         Ok(dsv4_engine::State { pos: st.pos, layers })
     }
@@ -453,8 +472,8 @@ impl GpuModel {
                 return Err(bad(format!("layer {l} window")));
             }
             g.write_f32(&ls.ring, 0, &s.ring)?;
-            put(&ls.rows, &s.rows, "rows")?;
-            put(&ls.idx_rows, &s.idx_rows, "indexer rows")?;
+            put(&ls.rows, &s.rows_f32(), "rows")?;
+            put(&ls.idx_rows, &s.idx_rows_f32(), "indexer rows")?;
             match (&s.comp, &ls.comp_kv, &ls.comp_sc) {
                 (Some(c), Some(k), Some(sc)) if c.kv.len() * F == k.bytes && c.score.len() * F == sc.bytes => {
                     g.write_f32(k, 0, &c.kv)?;
@@ -524,7 +543,10 @@ impl GpuModel {
             let split = w.rows < 2048;
             let name = format!("mv{}_{suffix}_{nt}", if split { "k" } else { "" });
             let (grid, block) = if split { ((w.rows as u32, 1, 1), (256, 1, 1)) } else { ((w.rows.div_ceil(4) as u32, 1, 1), (128, 1, 1)) };
-            let (stage, shmem) = stage_for(&w, if split { 1 } else { 4 });
+            let (mut stage, mut shmem) = stage_for(&w, if split { 1 } else { 4 });
+            if !split && nt == 1 && stage == 0 && x_stage_ok(w.cols, x) {
+                (stage, shmem) = (2, (w.cols * F) as u32);
+            }
             launch!(self.gpu, &name, grid, block, shmem;
                 w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32,
                 x + (done * xs * F) as u64, xs as i32, y + (done * ys * F) as u64, ys as i32, nt.min(left) as i32,
@@ -539,7 +561,10 @@ impl GpuModel {
         let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
         let name = format!("mv_{suffix}_1");
         let grid = (w.rows.div_ceil(4) as u32, slots as u32, 1);
-        let (stage, shmem) = stage_for(&w, 4);
+        let (mut stage, mut shmem) = stage_for(&w, 4);
+        if stage == 0 && x_stage_ok(w.cols, x) && (xs * F) % 16 == 0 {
+            (stage, shmem) = (2, (w.cols * F) as u32);
+        }
         launch!(self.gpu, &name, grid, (128, 1, 1), shmem;
             w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32,
             x, xs as i32, y, ys as i32, 1i32, eids, w.expert_bytes(), x_group as i32, stage)
@@ -699,7 +724,9 @@ impl GpuModel {
 
     fn compress(&self, cp: &GComp, kvs: u64, scs: u64, rows: u64, n: usize, pp: u64, is_indexer: bool, omega: u64) -> Result<()> {
         let w = cp.coff * cp.d;
-        let (a, ckv, csc, pooled) = (self.s.a.ptr, self.s.ckv.ptr, self.s.csc.ptr, self.s.pooled.ptr);
+        // the two compressors run concurrently (side streams): separate scratch
+        let (ckv, csc, pooled) = if is_indexer { (self.s.ickv.ptr, self.s.icsc.ptr, self.s.ipooled.ptr) } else { (self.s.ckv.ptr, self.s.csc.ptr, self.s.pooled.ptr) };
+        let a = self.s.a.ptr;
         self.mv(cp.wkv.r(), a, self.cfg.dim, ckv, w, n)?;
         self.mv(cp.wgate.r(), a, self.cfg.dim, csc, w, n)?;
         let r = cp.ratio;
@@ -717,25 +744,37 @@ impl GpuModel {
         let omega = self.omega(b.layer);
         let s = &self.s;
         let (a, qr, q, kv, o, u, f) = (s.a.ptr, s.qr.ptr, s.q.ptr, s.kv.ptr, s.o.ptr, s.u.ptr, s.f.ptr);
+        let ratio = c.compress_ratios[b.layer];
+        if ratio != 0 {
+            // visible compressed rows per token (read by the indexer and attention)
+            launch!(self.gpu, "set_vis", ((n as u32).div_ceil(128), 1, 1), (128, 1, 1), 0; pp, n as i32, ratio as i32, self.s.vis.ptr)?;
+        }
+        // Independent branches, parallel in the captured graph: the kv row and
+        // the two compressors (they only need `a`) beside the q path.
+        let (_, j_kv) = self.gpu.on_side(1, || -> Result<()> {
+            self.mv(b.kv.r(), a, c.dim, kv, hd, n)?;
+            launch!(self.gpu, "row_finish", (n as u32, 1, 1), (128, 1, 1), 0;
+                kv, hd as i32, 1i32, rd as i32, omega, pp, b.kv_norm.ptr, c.rms_eps, 1i32, self.ablate_kv_fp8 as i32)
+        })?;
+        let (_, j_comp) = self.gpu.on_side(2, || -> Result<()> {
+            if let (Some(cp), Some(kvs), Some(scs), Some(rows)) = (&b.comp, &st.comp_kv, &st.comp_sc, &st.rows) {
+                self.compress(cp, kvs.ptr, scs.ptr, rows.ptr, n, pp, false, omega)?;
+            }
+            Ok(())
+        })?;
+        let (_, j_icomp) = self.gpu.on_side(3, || -> Result<()> {
+            if let (Some(ix), Some(kvs), Some(scs), Some(irows)) = (&b.idx, &st.idx_kv, &st.idx_sc, &st.idx_rows) {
+                self.compress(&ix.comp, kvs.ptr, scs.ptr, irows.ptr, n, pp, true, omega)?;
+            }
+            Ok(())
+        })?;
         self.mv(b.q_a.r(), a, c.dim, qr, c.q_lora_rank, n)?;
         self.rmsnorm_rows(qr, b.q_norm.ptr, c.q_lora_rank, n)?;
         self.mv(b.q_b.r(), qr, c.q_lora_rank, q, h * hd, n)?;
         launch!(self.gpu, "row_finish", ((n * h) as u32, 1, 1), (128, 1, 1), 0;
             q, hd as i32, h as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 0i32, 0i32)?;
-        self.mv(b.kv.r(), a, c.dim, kv, hd, n)?;
-        launch!(self.gpu, "row_finish", (n as u32, 1, 1), (128, 1, 1), 0;
-            kv, hd as i32, 1i32, rd as i32, omega, pp, b.kv_norm.ptr, c.rms_eps, 1i32, self.ablate_kv_fp8 as i32)?;
-        let ratio = c.compress_ratios[b.layer];
-        if let (Some(cp), Some(kvs), Some(scs), Some(rows)) = (&b.comp, &st.comp_kv, &st.comp_sc, &st.rows) {
-            self.compress(cp, kvs.ptr, scs.ptr, rows.ptr, n, pp, false, omega)?;
-        }
-        // visible compressed rows per token
         let mut use_sel = false;
-        if ratio != 0 {
-            launch!(self.gpu, "set_vis", ((n as u32).div_ceil(128), 1, 1), (128, 1, 1), 0; pp, n as i32, ratio as i32, self.s.vis.ptr)?;
-        }
-        if let (Some(ix), Some(kvs), Some(scs), Some(irows)) = (&b.idx, &st.idx_kv, &st.idx_sc, &st.idx_rows) {
-            self.compress(&ix.comp, kvs.ptr, scs.ptr, irows.ptr, n, pp, true, omega)?;
+        if let (Some(ix), Some(irows)) = (&b.idx, &st.idx_rows) {
             let (ih, id) = (c.index_heads, c.index_head_dim);
             let (iq, iw, vis, scores, sel, cnt) = (self.s.iq.ptr, self.s.iw.ptr, self.s.vis.ptr, self.s.scores.ptr, self.s.sel.ptr, self.s.cnt.ptr);
             self.mv(ix.q_b.r(), qr, c.q_lora_rank, iq, ih * id, n)?;
@@ -744,6 +783,7 @@ impl GpuModel {
             self.mv(ix.proj.r(), a, c.dim, iw, ih, n)?;
             let wscale = (id as f32).powf(-0.5) * (ih as f32).powf(-0.5);
             let ld = self.ctx / ratio + 1;
+            self.gpu.join(j_icomp)?;
             // fixed grid (grid-stride inside) so the launch is position independent
             let blocks_x = (ld.div_ceil(8) as u32).min(264);
             launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), ((ih * (id + 1) + 8 * id) * F) as u32;
@@ -751,7 +791,11 @@ impl GpuModel {
             launch!(self.gpu, "topk_select", (n as u32, 1, 1), (1024, 1, 1), 0;
                 scores, ld as i32, vis, c.index_topk as i32, sel, cnt)?;
             use_sel = true;
+        } else {
+            self.gpu.join(j_icomp)?;
         }
+        self.gpu.join(j_kv)?;
+        self.gpu.join(j_comp)?;
         // attention over window + compressed rows
         // key-count bound from the capacity, not the position (graph replay)
         let _ = p0;
@@ -793,6 +837,22 @@ impl GpuModel {
         let (d, k, ne, ff) = (c.dim, c.n_experts_used, c.n_experts, c.expert_ff);
         let s = &self.s;
         let (a, rlog, eids, ew, g, up, hbuf, yk, y) = (s.a.ptr, s.rlog.ptr, s.eids.ptr, s.ew.ptr, s.g.ptr, s.up.ptr, s.h.ptr, s.yk.ptr, s.y.ptr);
+        let limit = c.swiglu_limits[b.layer];
+        // the shared expert runs beside the routed ones (parallel graph branch)
+        let j_shared = match &b.shared {
+            Some((w1, w3, w2)) => {
+                let (_, j) = self.gpu.on_side(1, || -> Result<()> {
+                    let (sg, su, sh, ys) = (self.s.sg.ptr, self.s.su.ptr, self.s.sh.ptr, self.s.ysh.ptr);
+                    self.mv(w1.r(), a, d, sg, ff, n)?;
+                    self.mv(w3.r(), a, d, su, ff, n)?;
+                    launch!(self.gpu, "swiglu", (((n * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
+                        sg, su, 0u64, ff as i32, n as i32, limit, sh)?;
+                    self.mv(w2.r(), sh, ff, ys, d, n)
+                })?;
+                Some(j)
+            }
+            None => None,
+        };
         self.mv(b.gate.r(), a, d, rlog, ne, n)?;
         let bias = b.bias.as_ref().map(|x| x.ptr).unwrap_or(0);
         let tid = b.tid2eid.as_ref().map(|x| x.ptr).unwrap_or(0);
@@ -801,19 +861,13 @@ impl GpuModel {
         let slots = n * k;
         self.mv_experts(b.gate_exps.r(), a, d, k, g, ff, slots, eids)?;
         self.mv_experts(b.up_exps.r(), a, d, k, up, ff, slots, eids)?;
-        let limit = c.swiglu_limits[b.layer];
         launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
             g, up, ew, ff as i32, slots as i32, limit, hbuf)?;
         self.mv_experts(b.down_exps.r(), hbuf, ff, 1, yk, d, slots, eids)?;
         let mut ysh = 0u64;
-        if let Some((w1, w3, w2)) = &b.shared {
-            let (sg, su, sh, ys) = (self.s.sg.ptr, self.s.su.ptr, self.s.sh.ptr, self.s.ysh.ptr);
-            self.mv(w1.r(), a, d, sg, ff, n)?;
-            self.mv(w3.r(), a, d, su, ff, n)?;
-            launch!(self.gpu, "swiglu", (((n * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
-                sg, su, 0u64, ff as i32, n as i32, limit, sh)?;
-            self.mv(w2.r(), sh, ff, ys, d, n)?;
-            ysh = ys;
+        if let Some(j) = j_shared {
+            self.gpu.join(j)?;
+            ysh = self.s.ysh.ptr;
         }
         launch!(self.gpu, "moe_reduce", (((n * d) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
             yk, ysh, k as i32, d as i32, n as i32, y)
@@ -842,6 +896,9 @@ impl Scratch {
             ckv: f(n * maxw)?,
             csc: f(n * maxw)?,
             pooled: f((n / min_ratio + 2) * hd.max(c.index_head_dim))?,
+            ickv: f(n * 2 * c.index_head_dim)?,
+            icsc: f(n * 2 * c.index_head_dim)?,
+            ipooled: f((n / min_ratio + 2) * c.index_head_dim)?,
             iq: f(n * c.index_heads * c.index_head_dim)?,
             iw: f(n * c.index_heads)?,
             vis: f(n)?,

@@ -100,12 +100,16 @@ fn matvec_all_types_odd_shapes() {
                 let dx = g.upload(&x).unwrap();
                 let dy = g.upload(&vec![f32::NAN; n * rows]).unwrap(); // poisoned
                 for (kname, grid, block, rows_per_block) in [("mv", (rows.div_ceil(4) as u32, 1, 1), (128, 1, 1), 4usize), ("mvk", (rows as u32, 1, 1), (256, 1, 1), 1)] {
-                    for stage in [0i32, 1] {
+                    for stage in [0i32, 1, 2] {
                         let stage_ok = rb % 16 == 0 && !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-                        if stage == 1 && !stage_ok {
+                        if (stage == 1 && !stage_ok) || (stage == 2 && (kname != "mv" || nt != 1)) {
                             continue;
                         }
-                        let shmem = if stage == 1 { (rb * rows_per_block) as u32 } else { 0 };
+                        let shmem = match stage {
+                            1 => (rb * rows_per_block) as u32,
+                            2 => (cols * 4) as u32,
+                            _ => 0,
+                        };
                         let name = format!("{kname}_{}_{nt}", suffix(ty));
                         launch!(g, &name, grid, block, shmem;
                             dw.ptr, rb as u64, rows as i32, cols as i32, dx.ptr, cols as i32, dy.ptr, rows as i32, n.min(nt) as i32,
@@ -356,6 +360,176 @@ fn router_matches_cpu() {
         for (j, &e) in idx.iter().enumerate() {
             assert_eq!(ge[t * k + j], e as i32, "token {t} slot {j}");
             assert!((gw[t * k + j] - s[e] / sum * 1.5).abs() < 1e-5);
+        }
+    }
+}
+
+/// Compressor kernels (streaming update + row finishing) against a CPU
+/// reference written from spec §7 with the `ops` functions, over chunks that
+/// straddle window boundaries, for both overlap (ratio 4) and plain ratios.
+#[test]
+fn compressor_matches_cpu_reference() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let rope = ops::Rope::new(64, 160000.0, Some(ops::Yarn { factor: 16.0, original_ctx: 65536.0, beta_fast: 32.0, beta_slow: 1.0 }));
+    for &(ratio, d, is_idx) in &[(4usize, 128usize, false), (4, 64, true), (8, 128, false)] {
+        let coff = if ratio == 4 { 2 } else { 1 };
+        let w = coff * d;
+        let slots = if coff == 2 { 2 * ratio } else { ratio };
+        let ape: Vec<f32> = (0..ratio * w).map(|_| rng.gen_range(-0.5f32..0.5)).collect();
+        let norm: Vec<f32> = (0..d).map(|_| rng.gen_range(0.5f32..1.5)).collect();
+        let total = 29usize;
+        let kv: Vec<f32> = (0..total * w).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+        let sc: Vec<f32> = (0..total * w).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+        // CPU reference
+        let mut skv = vec![0.0f32; slots * w];
+        let mut ssc = vec![f32::NEG_INFINITY; slots * w];
+        let mut want_rows: Vec<f32> = Vec::new();
+        for p in 0..total {
+            let slot = if coff == 2 { ratio + p % ratio } else { p % ratio };
+            for i in 0..w {
+                skv[slot * w + i] = kv[p * w + i];
+                ssc[slot * w + i] = sc[p * w + i] + ape[(p % ratio) * w + i];
+            }
+            if (p + 1) % ratio != 0 {
+                continue;
+            }
+            let mut vals: Vec<&[f32]> = Vec::new();
+            let mut scs: Vec<&[f32]> = Vec::new();
+            if coff == 2 {
+                for s in 0..ratio {
+                    vals.push(&skv[s * w..s * w + d]);
+                    scs.push(&ssc[s * w..s * w + d]);
+                }
+                for s in ratio..2 * ratio {
+                    vals.push(&skv[s * w + d..(s + 1) * w]);
+                    scs.push(&ssc[s * w + d..(s + 1) * w]);
+                }
+            } else {
+                for s in 0..ratio {
+                    vals.push(&skv[s * w..(s + 1) * w]);
+                    scs.push(&ssc[s * w..(s + 1) * w]);
+                }
+            }
+            let mut row = vec![0.0f32; d];
+            ops::softmax_pool(&vals, &scs, &mut row);
+            ops::rmsnorm_inplace(&mut row, &norm, 1e-6);
+            rope.apply(&mut row[d - 64..], p + 1 - ratio, false);
+            if is_idx {
+                ops::hadamard_inplace(&mut row);
+                ops::fp4_sim_inplace(&mut row, 32);
+            } else {
+                ops::fp8_sim_inplace(&mut row[..d - 64], 64);
+            }
+            want_rows.extend_from_slice(&row);
+            if coff == 2 {
+                skv.copy_within(ratio * w..2 * ratio * w, 0);
+                ssc.copy_within(ratio * w..2 * ratio * w, 0);
+            }
+        }
+        // GPU, in chunks of 5 tokens
+        let up = |v: &[f32]| g.upload(v).unwrap();
+        let (dape, dnorm, om) = (up(&ape), up(&norm), up(&rope.omega));
+        let dkvs = up(&vec![0.0f32; slots * w]);
+        let dscs = up(&vec![f32::NEG_INFINITY; slots * w]);
+        let rows = up(&vec![f32::NAN; (total / ratio + 1) * d]);
+        let pooled = up(&vec![0.0f32; 8 * d]);
+        let pp = g.upload(&[0i32]).unwrap();
+        let mut p0 = 0usize;
+        while p0 < total {
+            let n = 5.min(total - p0);
+            g.write_i32(&pp, 0, &[p0 as i32]).unwrap();
+            let (ckv, csc) = (up(&kv[p0 * w..(p0 + n) * w]), up(&sc[p0 * w..(p0 + n) * w]));
+            launch!(g, "comp_update", ((d as u32).div_ceil(128), 1, 1), (128, 1, 1), 0;
+                ckv.ptr, csc.ptr, dape.ptr, dkvs.ptr, dscs.ptr, n as i32, pp.ptr, ratio as i32, coff as i32, d as i32, pooled.ptr).unwrap();
+            launch!(g, "comp_finish", ((n / ratio + 1) as u32, 1, 1), (128, 1, 1), 0;
+                pooled.ptr, rows.ptr, pp.ptr, n as i32, d as i32, 64i32, om.ptr, dnorm.ptr, 1e-6f32, ratio as i32, is_idx as i32).unwrap();
+            p0 += n;
+        }
+        let got = g.read_f32(rows.ptr, want_rows.len()).unwrap();
+        let bad = got.iter().zip(&want_rows).filter(|(a, b)| (*a - *b).abs() > 1e-4 * (1.0 + b.abs())).count();
+        assert!(bad <= got.len() / 200, "compressor ratio {ratio} d {d}: {bad} of {} values differ", got.len());
+    }
+}
+
+#[test]
+fn index_scores_swiglu_reduce_head_embed_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let up = |v: &[f32]| g.upload(v).unwrap();
+    // index_scores: 2 tokens, 3 heads of 64, 45 visible rows (k = 4)
+    let (ih, id, n, k) = (3usize, 64usize, 2usize, 4usize);
+    let vis: Vec<i32> = vec![40, 45];
+    let ld = 50usize;
+    let q: Vec<f32> = (0..n * ih * id).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let w: Vec<f32> = (0..n * ih).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let krows: Vec<f32> = (0..ld * id).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let scores = up(&vec![0.0f32; n * ld]);
+    let dv = g.upload(&vis).unwrap();
+    launch!(g, "index_scores", (3, n as u32, 1), (256, 1, 1), ((ih * (id + 1) + 8 * id) * 4) as u32;
+        up(&q).ptr, up(&w).ptr, up(&krows).ptr, dv.ptr, ih as i32, id as i32, 0.5f32, scores.ptr, ld as i32, k as i32).unwrap();
+    let got = g.read_f32(scores.ptr, n * ld).unwrap();
+    for t in 0..n {
+        for i in 0..vis[t] as usize {
+            let mut s = 0.0f32;
+            for h in 0..ih {
+                s += w[t * ih + h] * 0.5 * ops::dot(&q[(t * ih + h) * id..(t * ih + h + 1) * id], &krows[i * id..(i + 1) * id]).max(0.0);
+            }
+            assert!((got[t * ld + i] - s).abs() < 1e-4 * (1.0 + s.abs()), "index score t {t} row {i}");
+        }
+    }
+    // swiglu with per-slot weights, then moe_reduce with a shared term
+    let (rows, ff, kk, d) = (6usize, 40usize, 3usize, 40usize);
+    let gg: Vec<f32> = (0..rows * ff).map(|_| rng.gen_range(-15.0f32..15.0)).collect();
+    let uu: Vec<f32> = (0..rows * ff).map(|_| rng.gen_range(-15.0f32..15.0)).collect();
+    let ws: Vec<f32> = (0..rows).map(|_| rng.gen_range(0.0f32..1.0)).collect();
+    let h = up(&vec![f32::NAN; rows * ff]);
+    launch!(g, "swiglu", (4, 1, 1), (64, 1, 1), 0; up(&gg).ptr, up(&uu).ptr, up(&ws).ptr, ff as i32, rows as i32, 10.0f32, h.ptr).unwrap();
+    let gh = g.read_f32(h.ptr, rows * ff).unwrap();
+    let mut wh = vec![0.0f32; rows * ff];
+    for r in 0..rows {
+        ops::swiglu_clamped(&gg[r * ff..(r + 1) * ff], &uu[r * ff..(r + 1) * ff], 10.0, ws[r], &mut wh[r * ff..(r + 1) * ff]);
+    }
+    assert!(rel_err(&gh, &wh) < 1e-6, "swiglu");
+    let ntok = rows / kk;
+    let ysh: Vec<f32> = (0..ntok * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let y = up(&vec![f32::NAN; ntok * d]);
+    launch!(g, "moe_reduce", (2, 1, 1), (64, 1, 1), 0; h.ptr, up(&ysh).ptr, kk as i32, d as i32, ntok as i32, y.ptr).unwrap();
+    let gy = g.read_f32(y.ptr, ntok * d).unwrap();
+    for t in 0..ntok {
+        for c in 0..d {
+            let want: f32 = (0..kk).map(|j| wh[(t * kk + j) * ff + c]).sum::<f32>() + ysh[t * d + c];
+            assert!((gy[t * d + c] - want).abs() < 1e-5 * (1.0 + want.abs()), "moe_reduce");
+        }
+    }
+    // hc_head (+ final norm)
+    let (m, dd) = (4usize, 72usize);
+    let x: Vec<f32> = (0..m * dd).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+    let mixes: Vec<f32> = (0..m).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+    let (scale, base): (Vec<f32>, Vec<f32>) = (vec![0.7], (0..m).map(|_| rng.gen_range(-1.0f32..1.0)).collect());
+    let norm: Vec<f32> = (0..dd).map(|_| rng.gen_range(0.5f32..1.5)).collect();
+    let hy = up(&vec![f32::NAN; dd]);
+    launch!(g, "hc_head", (1, 1, 1), (256, 1, 1), 0; up(&x).ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr,
+        dd as i32, m as i32, 1e-6f32, 1e-6f32, hy.ptr).unwrap();
+    let r = ops::rms_inv(&x, 1e-6);
+    let wts: Vec<f32> = (0..m).map(|j| ops::sigmoid(mixes[j] * r * scale[0] + base[j]) + 1e-6).collect();
+    let mut want = vec![0.0f32; dd];
+    ops::hc_collapse(&x, &wts, dd, &mut want);
+    ops::rmsnorm_inplace(&mut want, &norm, 1e-6);
+    assert!(rel_err(&g.read_f32(hy.ptr, dd).unwrap(), &want) < 1e-5, "hc_head");
+    // embedding rows (F16), replicated into the streams
+    let vocab = 10usize;
+    let table: Vec<half::f16> = (0..vocab * dd).map(|_| half::f16::from_f32(rng.gen_range(-1.0f32..1.0))).collect();
+    let dt = g.upload(&table.iter().map(|h| h.to_bits()).collect::<Vec<u16>>()).unwrap();
+    let toks: Vec<i32> = vec![3, 9, 0];
+    let out = up(&vec![f32::NAN; toks.len() * m * dd]);
+    launch!(g, "embed_rows", (toks.len() as u32, 1, 1), (128, 1, 1), 0; dt.ptr, 1i32, g.upload(&toks).unwrap().ptr, dd as i32, m as i32, out.ptr).unwrap();
+    let ge = g.read_f32(out.ptr, toks.len() * m * dd).unwrap();
+    for (t, &tok) in toks.iter().enumerate() {
+        for j in 0..m {
+            for c in 0..dd {
+                assert_eq!(ge[(t * m + j) * dd + c], table[tok as usize * dd + c].to_f32(), "embed");
+            }
         }
     }
 }

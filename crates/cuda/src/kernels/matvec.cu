@@ -171,11 +171,19 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
     }
 }
 
-extern __shared__ uint4 mv_stage[];
+
+extern __shared__ float mv_xsh[];
 
 template <int TY, int NT>
 __device__ __forceinline__ void mv_body(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, int n,
                                         const int* eids, u64 expert_bytes, int x_group, int stage) {
+    // stage == 2: single-token x staged once per block in shared memory (the
+    // block's warps all read it; global/L1 x loads were half the load traffic)
+    if (stage == 2) {
+        const float* xsrc = eids ? x + (u64)(blockIdx.y / x_group) * xs : x;
+        for (int i = threadIdx.x * 4; i < cols; i += blockDim.x * 4) *(float4*)(mv_xsh + i) = *(const float4*)(xsrc + i);
+        __syncthreads();
+    }
     // IQ2 tables staged in shared memory: lanes index them randomly, which
     // constant memory would serialise
     __shared__ u64 grid_tab[TY == T_IQ2_XXS ? 256 : 1];
@@ -194,11 +202,12 @@ __device__ __forceinline__ void mv_body(const u8* W, u64 row_bytes, int rows, in
         x += (u64)(s / x_group) * xs;
         y += (u64)s * ys;
     }
+    if (stage == 2) x = mv_xsh;
     const u8* wr = W + (u64)row * row_bytes;
-    if (stage) {
+    if (stage == 1) {
         // copy the row with coalesced 16-byte loads (row_bytes % 16 == 0), then
         // let lanes pick whole quant blocks out of shared memory
-        u8* my = (u8*)mv_stage + (threadIdx.x >> 5) * row_bytes;
+        u8* my = (u8*)mv_xsh + (threadIdx.x >> 5) * row_bytes;
         const uint4* src = (const uint4*)wr;
         uint4* dst = (uint4*)my;
         int nv = (int)(row_bytes >> 4);
@@ -239,13 +248,13 @@ __device__ __forceinline__ void mvk_body(const u8* W, u64 row_bytes, int rows, i
         y += (u64)s * ys;
     }
     const u8* wr = W + (u64)row * row_bytes;
-    if (stage) {
+    if (stage == 1) {
         const uint4* src = (const uint4*)wr;
-        uint4* dst = mv_stage;
+        uint4* dst = (uint4*)mv_xsh;
         int nv = (int)(row_bytes >> 4);
         for (int i = threadIdx.x; i < nv; i += blockDim.x) dst[i] = src[i];
         __syncthreads();
-        wr = (const u8*)mv_stage;
+        wr = (const u8*)mv_xsh;
     }
     float acc[NT];
 #pragma unroll
