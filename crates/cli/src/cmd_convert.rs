@@ -79,6 +79,14 @@ pub struct ImatrixArgs {
     /// Output .dat file (llama.cpp legacy format).
     #[arg(long)]
     pub out: PathBuf,
+    /// Tokens per chunk: the dataset is cut into chunks of CHUNK−1 tokens, each
+    /// evaluated from an empty state after a BOS token (as llama.cpp's imatrix).
+    #[arg(long, default_value_t = 512)]
+    pub chunk: usize,
+    /// Skip the MTP block. By default, when the model has one, it runs on every
+    /// position so that its routed experts (`mtp.0.*`) get statistics too.
+    #[arg(long)]
+    pub no_mtp: bool,
 }
 
 struct Bar(Option<ProgressBar>);
@@ -189,10 +197,67 @@ pub fn download(a: DownloadArgs) -> Result<()> {
     Ok(())
 }
 
+/// `dsv4 imatrix`: tokenises the dataset with the model's own tokenizer, runs
+/// it chunk by chunk through the CPU engine with an expert observer attached
+/// (`Model::observer`), and writes the collected Σx² per expert input column as
+/// a llama.cpp legacy `.dat` (written as OUT.tmp, renamed when complete).
 pub fn imatrix(a: ImatrixArgs) -> Result<()> {
-    let _ = (&a.model, &a.dataset, &a.out);
-    bail!(
-        "`dsv4 imatrix` needs the engine to expose the routed experts' inputs during prefill (not available yet); \
-         the .dat writer is ready in dsv4_tools::imatrix::Collector"
-    )
+    use std::sync::{Arc, Mutex};
+
+    use dsv4_engine::{Backend, CpuBackend, Model, Want};
+    use dsv4_tools::imatrix::Collector;
+
+    if a.chunk < 2 {
+        bail!("--chunk must be at least 2 (a BOS token and one dataset token)");
+    }
+    let text = std::fs::read_to_string(&a.dataset).with_context(|| format!("reading the dataset {}", a.dataset.display()))?;
+    let file = Arc::new(dsv4_gguf::GgufFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?);
+    let tok = dsv4_text::Tokenizer::from_gguf(&file).with_context(|| format!("tokenizer of {}", a.model.display()))?;
+    let tokens = tok.encode(&text);
+    if tokens.is_empty() {
+        bail!("the dataset {} has no tokens", a.dataset.display());
+    }
+    let mut model = Model::from_gguf(file, None).with_context(|| format!("loading {}", a.model.display()))?;
+    let collector = Arc::new(Mutex::new(Collector::default()));
+    let sink = collector.clone();
+    model.observer = Some(Arc::new(move |name: &str, n_expert: usize, e: usize, row: &[f32]| {
+        // a poisoned lock only means an earlier observer call panicked; the sums are still usable
+        sink.lock().unwrap_or_else(|p| p.into_inner()).add(name, n_expert, e, row);
+    }));
+    let use_mtp = model.has_mtp() && !a.no_mtp;
+    let model = Arc::new(model);
+    let mut backend = CpuBackend::with_ctx(model, a.chunk);
+    let chunks: Vec<&[u32]> = tokens.chunks(a.chunk - 1).collect();
+    let t0 = std::time::Instant::now();
+    for (i, c) in chunks.iter().enumerate() {
+        backend.reset();
+        let mut toks = Vec::with_capacity(c.len() + 1);
+        toks.push(tok.bos_id());
+        toks.extend_from_slice(c);
+        let out = backend.eval(&toks, Want { all_logits: false, hidden: use_mtp })?;
+        if use_mtp {
+            // the MTP block pairs the hidden state of position p with token p+1
+            let hd = out.hidden.len() / toks.len();
+            for (p, &next) in toks.iter().enumerate().skip(1) {
+                backend.mtp_eval(&out.hidden[(p - 1) * hd..p * hd], next)?;
+            }
+        }
+        eprintln!("imatrix: chunk {}/{} ({} tokens, {:.1} s)", i + 1, chunks.len(), toks.len(), t0.elapsed().as_secs_f64());
+    }
+    let mut col = collector.lock().unwrap_or_else(|p| p.into_inner());
+    col.chunks = chunks.len() as i32;
+    let dataset = a.dataset.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let bytes = col.to_bytes(&dataset);
+    let tmp = a.out.with_extension("dat.tmp");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("renaming {} to {}", tmp.display(), a.out.display()))?;
+    eprintln!(
+        "imatrix: {} dataset tokens in {} chunks of at most {}, {} bytes -> {}",
+        tokens.len(),
+        chunks.len(),
+        a.chunk,
+        bytes.len(),
+        a.out.display()
+    );
+    Ok(())
 }

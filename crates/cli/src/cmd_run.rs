@@ -175,14 +175,21 @@ struct Loaded {
 }
 
 fn open_model(a: &ModelArgs) -> Result<Loaded> {
-    if !a.model.exists() {
+    let default_absent = a.model == Path::new(DEFAULT_MODEL) && !a.model.exists();
+    if !a.model.exists() && !default_absent {
         bail!(
             "model file {} not found.\nGet one with `dsv4 download q2` (or q4), or convert the official release with \
              `dsv4 convert --hf DIR --out dsv4flash.gguf --recipe q2`, then pass it with -m PATH (default {DEFAULT_MODEL}).",
             a.model.display()
         );
     }
-    let file = Arc::new(GgufFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?);
+    // no model given and none in the default place: the embedded demo, with a notice
+    let file = if default_absent {
+        eprintln!("{}", crate::demo::notice());
+        crate::demo::open()?
+    } else {
+        Arc::new(GgufFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?)
+    };
     let tok = Tokenizer::from_gguf(&file).map_err(|e| anyhow!("tokenizer: {e}"))?;
     let session = new_session(a, &file, a.ctx)?;
     let cache = match &a.kv_disk_dir {

@@ -6,10 +6,12 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod backends;
+mod demo;
 mod cmd_bench;
 mod cmd_convert;
 mod cmd_gguf;
 mod cmd_logits;
+mod cmd_perplexity;
 mod cmd_run;
 mod cmd_serve;
 mod cmd_text;
@@ -31,6 +33,8 @@ enum Cmd {
     Serve(cmd_serve::ServeArgs),
     /// Evaluate a fixture's tokens.json and write logits files in the fixture layout.
     Logits(cmd_logits::LogitsArgs),
+    /// Token-level perplexity (average NLL) of a text file.
+    Perplexity(cmd_perplexity::PerplexityArgs),
     /// Benchmarks (kernels; synthetic models).
     Bench(cmd_bench::BenchArgs),
     /// Tokenize text and print the ids as a JSON array.
@@ -54,6 +58,7 @@ fn main() -> Result<()> {
         Cmd::Chat(a) => cmd_run::chat(a),
         Cmd::Serve(a) => cmd_serve::run(a),
         Cmd::Logits(a) => cmd_logits::run(a),
+        Cmd::Perplexity(a) => cmd_perplexity::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
         Cmd::Tokenize(a) => cmd_text::tokenize(a),
         Cmd::Render(a) => cmd_text::render(a),

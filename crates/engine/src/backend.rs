@@ -185,10 +185,8 @@ impl Backend for CpuBackend {
             // copy into the existing buffers to keep the up-front capacity
             for (l, s) in self.state.layers.iter_mut().zip(&st.layers) {
                 l.ring.clone_from(&s.ring);
-                l.rows.clear();
-                l.rows.extend_from_slice(&s.rows);
-                l.idx_rows.clear();
-                l.idx_rows.extend_from_slice(&s.idx_rows);
+                l.rows.clone_from(&s.rows);
+                l.idx_rows.clone_from(&s.idx_rows);
                 l.comp.clone_from(&s.comp);
                 l.idx_comp.clone_from(&s.idx_comp);
             }

@@ -275,6 +275,12 @@ impl Config {
         }
     }
 
+    /// Bytes of main-model sequence state at `ctx` tokens as this engine stores
+    /// it (packed rows, f32 RoPE dims, f32 window and compressor state).
+    pub fn state_bytes(&self, ctx: usize) -> crate::pack::StateBytes {
+        crate::pack::StateBytes::for_ctx(self, ctx, crate::pack::RopeStore::F32)
+    }
+
     /// The same shape with only the first `n` layers (benchmarks on smaller GPUs).
     pub fn with_layers(&self, n: usize) -> Config {
         let mut c = self.clone();

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use crate::config::Config;
 use crate::error::{EngineError, Result};
 use crate::ops::{self, HcWeights, Rope};
+use crate::pack::{PackedRows, RowFormat};
 use crate::weights::{Block, Compressor, HcParams, Mat, Weights};
 
 /// How dot products against quantised weights treat activations.
@@ -44,7 +45,19 @@ pub struct Model {
     pub ablate_kv_fp8: bool,
     /// Identifies these weights in saved states (computed once at load).
     pub fingerprint: crate::state_io::Fingerprint,
+    /// Sees the routed experts' input rows (for importance matrices); `None`
+    /// costs nothing. See `ExpertObserver`.
+    pub observer: Option<ExpertObserver>,
 }
+
+/// Called as `(tensor, n_expert, expert, row)` for every row a routed expert
+/// multiplies: the MoE input row under the GGUF names of both the gate and the
+/// up tensor (`blk.N.ffn_gate_exps.weight`, `blk.N.ffn_up_exps.weight`; they
+/// share the input), and the post-SwiGLU row, already scaled by the routing
+/// weight as the down projection receives it, under `blk.N.ffn_down_exps.weight`.
+/// The MTP block's tensors are named `mtp.0.…`. Rows of one chunk arrive grouped
+/// by expert; calls come from the thread that runs `eval`.
+pub type ExpertObserver = Arc<dyn Fn(&str, usize, usize, &[f32]) + Send + Sync>;
 
 /// Streaming state of one compressor: `slots` partial tokens of `coff·d` values.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,16 +67,62 @@ pub struct CompState {
 }
 
 /// Everything one layer carries between tokens (spec §14).
+///
+/// The compressed rows are held packed (see `pack`): they are exactly on the
+/// FP8 / FP4 grids, so packing is lossless and takes ~5x less memory than f32.
+/// `rows_f32` / `set_rows_from_f32` (and the `idx_` pair) convert for code that
+/// wants plain f32 rows (the CUDA backend's state export/import).
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct LayerState {
     /// `[window][head_dim]`, slot = position mod window.
     pub ring: Vec<f32>,
-    /// compressed attention rows `[n][head_dim]`
-    pub rows: Vec<f32>,
+    /// compressed attention rows, `len()` rows of `head_dim`
+    pub rows: PackedRows,
     pub comp: Option<CompState>,
-    /// indexer compressed rows `[n][index_head_dim]`
-    pub idx_rows: Vec<f32>,
+    /// indexer compressed rows, `len()` rows of `index_head_dim`
+    pub idx_rows: PackedRows,
     pub idx_comp: Option<CompState>,
+}
+
+impl LayerState {
+    /// A layer state from f32 rows (`[n][head_dim]`, `[n][index_head_dim]`), packed
+    /// in this config's formats; fails if a row is not exactly on its grid.
+    pub fn from_f32_rows(
+        cfg: &Config,
+        ring: Vec<f32>,
+        rows: &[f32],
+        comp: Option<CompState>,
+        idx_rows: &[f32],
+        idx_comp: Option<CompState>,
+    ) -> Result<LayerState> {
+        let mut l = LayerState { ring, rows: PackedRows::new(RowFormat::attn(cfg)), comp, idx_rows: PackedRows::new(RowFormat::indexer(cfg)), idx_comp };
+        l.set_rows_from_f32(rows)?;
+        l.set_idx_rows_from_f32(idx_rows)?;
+        Ok(l)
+    }
+
+    /// The compressed attention rows as f32, `[n][head_dim]` (bit-exact).
+    pub fn rows_f32(&self) -> Vec<f32> {
+        self.rows.to_f32()
+    }
+
+    /// The indexer rows as f32, `[n][index_head_dim]` (bit-exact).
+    pub fn idx_rows_f32(&self) -> Vec<f32> {
+        self.idx_rows.to_f32()
+    }
+
+    /// Replaces the compressed attention rows (keeps the allocation); on error
+    /// the rows are left empty.
+    pub fn set_rows_from_f32(&mut self, v: &[f32]) -> Result<()> {
+        self.rows.clear();
+        Ok(self.rows.extend_from_f32(v)?)
+    }
+
+    /// Replaces the indexer rows (keeps the allocation); on error they are left empty.
+    pub fn set_idx_rows_from_f32(&mut self, v: &[f32]) -> Result<()> {
+        self.idx_rows.clear();
+        Ok(self.idx_rows.extend_from_f32(v)?)
+    }
 }
 
 /// The state of one sequence: position plus per-layer state.
@@ -118,7 +177,7 @@ impl Model {
         files.extend(mtp_file.as_deref());
         let fingerprint = crate::state_io::Fingerprint::of_gguf(&cfg, &files);
         let rope_yarn = Rope::new(cfg.rope_dim, cfg.compress_rope_theta, Some(cfg.yarn()));
-        Ok(Model { cfg, w, numerics: Numerics::F32, rope_plain, rope_yarn, max_chunk: 512, ablate_kv_fp8: false, fingerprint })
+        Ok(Model { cfg, w, numerics: Numerics::F32, rope_plain, rope_yarn, max_chunk: 512, ablate_kv_fp8: false, fingerprint, observer: None })
     }
 
     pub fn has_mtp(&self) -> bool {
@@ -200,7 +259,7 @@ impl Model {
             let toks = &tokens[done..done + n];
             let mut x = self.embed(toks)?;
             for (l, blk) in self.w.blocks.iter().enumerate() {
-                self.block_forward(blk, &mut st.layers[l], &mut x, toks, st.pos);
+                self.block_forward(blk, &mut st.layers[l], &mut x, toks, st.pos)?;
             }
             st.pos += n;
             let last_chunk = done + n == n_total;
@@ -246,7 +305,7 @@ impl Model {
                 x[j * d + i] = pe[i] + ph[j * d + i];
             }
         }
-        self.block_forward(&mtp.block, &mut mst.layers[0], &mut x, &[token], mst.pos);
+        self.block_forward(&mtp.block, &mut mst.layers[0], &mut x, &[token], mst.pos)?;
         mst.pos += 1;
         Ok(self.head(&mtp.hc_head, &mtp.norm, &x))
     }
@@ -297,18 +356,22 @@ impl Model {
     }
 
     /// One transformer block over a chunk of n tokens at positions p0.. (spec §4).
-    fn block_forward(&self, blk: &Block, st: &mut LayerState, x: &mut [f32], tokens: &[u32], p0: usize) {
+    fn block_forward(&self, blk: &Block, st: &mut LayerState, x: &mut [f32], tokens: &[u32], p0: usize) -> Result<()> {
         let n = tokens.len();
         let (a, ws) = self.hc_pre(&blk.hc_attn, &blk.attn_norm, x, n);
-        let f = self.attention(blk, st, &a, n, p0);
+        let f = self.attention(blk, st, &a, n, p0)?;
         self.hc_post_all(&f, x, &ws);
         let (a, ws) = self.hc_pre(&blk.hc_ffn, &blk.ffn_norm, x, n);
         let f = self.moe(blk, &a, tokens);
         self.hc_post_all(&f, x, &ws);
+        Ok(())
     }
 
     /// Runs a compressor over n tokens' projections, appending finished rows (spec §7).
-    fn compress(&self, c: &Compressor, cs: &mut CompState, rows: &mut Vec<f32>, a: &[f32], n: usize, p0: usize, is_indexer: bool, rope: &Rope) {
+    /// Rows are packed as they are appended; the sims above put them exactly on
+    /// the packed grids, so a packing error means non-finite activations.
+    #[allow(clippy::too_many_arguments)]
+    fn compress(&self, c: &Compressor, cs: &mut CompState, rows: &mut PackedRows, a: &[f32], n: usize, p0: usize, is_indexer: bool, rope: &Rope) -> Result<()> {
         let w = c.coff * c.d;
         let kv = self.mm(&c.wkv, a, n);
         let sc = self.mm(&c.wgate, a, n);
@@ -354,17 +417,24 @@ impl Model {
             } else {
                 ops::fp8_sim_inplace(&mut row[..d - rd], 64);
             }
-            rows.extend_from_slice(&row);
+            rows.push(&row)?;
+            #[cfg(debug_assertions)]
+            {
+                let mut chk = vec![0f32; row.len()];
+                rows.decode_row(rows.len() - 1, &mut chk);
+                debug_assert!(chk.iter().zip(&row).all(|(x, y)| x.to_bits() == y.to_bits()), "packed row does not decode exactly");
+            }
             if c.coff == 2 {
                 // the current window becomes the previous one
                 cs.kv.copy_within(r * w..2 * r * w, 0);
                 cs.score.copy_within(r * w..2 * r * w, 0);
             }
         }
+        Ok(())
     }
 
     /// Attention sub-block for n tokens (spec §6), returns `[n][D]`.
-    fn attention(&self, blk: &Block, st: &mut LayerState, a: &[f32], n: usize, p0: usize) -> Vec<f32> {
+    fn attention(&self, blk: &Block, st: &mut LayerState, a: &[f32], n: usize, p0: usize) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let at = &blk.attn;
         let layer = blk.layer;
@@ -399,13 +469,13 @@ impl Model {
         }
         // compressors first: a row finished by token p is visible to token p.
         if let (Some(comp), Some(cs)) = (&at.compressor, st.comp.as_mut()) {
-            self.compress(comp, cs, &mut st.rows, a, n, p0, false, rope);
+            self.compress(comp, cs, &mut st.rows, a, n, p0, false, rope)?;
         }
         // indexer queries and weights
         let mut iq = Vec::new();
         let mut iw = Vec::new();
         if let (Some(ix), Some(ics)) = (&at.indexer, st.idx_comp.as_mut()) {
-            self.compress(&ix.compressor, ics, &mut st.idx_rows, a, n, p0, true, rope);
+            self.compress(&ix.compressor, ics, &mut st.idx_rows, a, n, p0, true, rope)?;
             let (ih, id) = (c.index_heads, c.index_head_dim);
             iq = self.mm(&ix.q_b, &qr, n);
             for t in 0..n {
@@ -431,6 +501,21 @@ impl Model {
             let kv_ro = &kv;
             o.par_chunks_mut(h * hd).enumerate().for_each(|(t, ot)| {
                 let p = p0 + t;
+                // compressed keys this token sees, decoded from the packed rows
+                // into a per-token scratch (bit-identical to the f32 rows)
+                let mut comp_keys: Vec<f32> = Vec::new();
+                if ratio != 0 {
+                    let visible = (p + 1) / ratio;
+                    let sel: Vec<usize> = if ratio == 4 && !iq.is_empty() {
+                        self.indexer_select(&iq, &iw, &st_ro.idx_rows, t, visible)
+                    } else {
+                        (0..visible).collect()
+                    };
+                    comp_keys.resize(sel.len() * hd, 0.0);
+                    for (&i, k) in sel.iter().zip(comp_keys.chunks_exact_mut(hd)) {
+                        st_ro.rows.decode_row(i, k);
+                    }
+                }
                 let mut keys: Vec<&[f32]> = Vec::new();
                 let lo = (p + 1).saturating_sub(win);
                 for qp in lo..=p {
@@ -441,19 +526,7 @@ impl Model {
                         keys.push(&st_ro.ring[s * hd..(s + 1) * hd]);
                     }
                 }
-                if ratio != 0 {
-                    let visible = (p + 1) / ratio;
-                    if ratio == 4 && !iq.is_empty() {
-                        let sel = self.indexer_select(&iq, &iw, &st_ro.idx_rows, t, visible);
-                        for i in sel {
-                            keys.push(&st_ro.rows[i * hd..(i + 1) * hd]);
-                        }
-                    } else {
-                        for i in 0..visible {
-                            keys.push(&st_ro.rows[i * hd..(i + 1) * hd]);
-                        }
-                    }
-                }
+                keys.extend(comp_keys.chunks_exact(hd));
                 for hh in 0..h {
                     let qh = &q[(t * h + hh) * hd..(t * h + hh + 1) * hd];
                     let oh = &mut ot[hh * hd..(hh + 1) * hd];
@@ -484,11 +557,11 @@ impl Model {
                 u[t * g * ro + gi * ro..t * g * ro + (gi + 1) * ro].copy_from_slice(&ug[t * ro..(t + 1) * ro]);
             }
         }
-        self.mm(&at.o_b, &u, n)
+        Ok(self.mm(&at.o_b, &u, n))
     }
 
     /// Indexer top-k over the rows visible to chunk token t (spec §8).
-    fn indexer_select(&self, iq: &[f32], iw: &[f32], idx_rows: &[f32], t: usize, visible: usize) -> Vec<usize> {
+    fn indexer_select(&self, iq: &[f32], iw: &[f32], idx_rows: &PackedRows, t: usize, visible: usize) -> Vec<usize> {
         let c = &self.cfg;
         let (ih, id) = (c.index_heads, c.index_head_dim);
         if visible <= c.index_topk {
@@ -496,9 +569,13 @@ impl Model {
         }
         let q = &iq[t * ih * id..(t + 1) * ih * id];
         let w = &iw[t * ih..(t + 1) * ih];
+        // each row is decoded just before it is scored (the decode is a table
+        // look-up per value, small next to the ih dot products that follow)
+        let mut k = vec![0.0f32; id];
         let scores: Vec<f32> = (0..visible)
             .map(|i| {
-                let k = &idx_rows[i * id..(i + 1) * id];
+                idx_rows.decode_row(i, &mut k);
+                let k = &k[..];
                 let mut s = 0.0f32;
                 for hh in 0..ih {
                     s += w[hh] * ops::dot(&q[hh * id..(hh + 1) * id], k).max(0.0);
@@ -548,6 +625,11 @@ impl Model {
         sel.sort_by_key(|&(e, t, _)| (e, t));
         let limit = c.swiglu_limits[blk.layer];
         let ff = c.expert_ff;
+        // GGUF tensor names, only built when someone observes
+        let names = self.observer.as_ref().map(|_| {
+            let prefix = if blk.layer < c.n_layers { format!("blk.{}.", blk.layer) } else { format!("mtp.{}.", blk.layer - c.n_layers) };
+            ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"].map(|t| format!("{prefix}{t}.weight"))
+        });
         let mut y = vec![0.0f32; n * d];
         let mut i = 0;
         while i < sel.len() {
@@ -562,11 +644,22 @@ impl Model {
             for (r, &(_, t, _)) in group.iter().enumerate() {
                 xin[r * d..(r + 1) * d].copy_from_slice(&a[t * d..(t + 1) * d]);
             }
+            if let (Some(obs), Some(nm)) = (&self.observer, &names) {
+                for row in xin.chunks_exact(d) {
+                    obs(&nm[0], ne, e, row);
+                    obs(&nm[1], ne, e, row);
+                }
+            }
             let g = self.mm(&moe.gate_exps.expert(e), &xin, m);
             let u = self.mm(&moe.up_exps.expert(e), &xin, m);
             let mut hmid = vec![0.0f32; m * ff];
             for (r, &(_, _, wt)) in group.iter().enumerate() {
                 ops::swiglu_clamped(&g[r * ff..(r + 1) * ff], &u[r * ff..(r + 1) * ff], limit, wt, &mut hmid[r * ff..(r + 1) * ff]);
+            }
+            if let (Some(obs), Some(nm)) = (&self.observer, &names) {
+                for row in hmid.chunks_exact(ff) {
+                    obs(&nm[2], ne, e, row);
+                }
             }
             let out = self.mm(&moe.down_exps.expert(e), &hmid, m);
             for (r, &(_, t, _)) in group.iter().enumerate() {
@@ -595,9 +688,9 @@ impl Model {
 fn layer_state(c: &Config, b: &Block) -> LayerState {
     LayerState {
         ring: vec![0.0; c.window * c.head_dim],
-        rows: Vec::new(),
+        rows: PackedRows::new(RowFormat::attn(c)),
         comp: b.attn.compressor.as_ref().map(CompState::new),
-        idx_rows: Vec::new(),
+        idx_rows: PackedRows::new(RowFormat::indexer(c)),
         idx_comp: b.attn.indexer.as_ref().map(|ix| CompState::new(&ix.compressor)),
     }
 }

@@ -344,9 +344,9 @@ impl State {
                 let r = cfg.compress_ratios.get(l).copied().unwrap_or(0);
                 LayerState {
                     ring: vec![0.0; cfg.window * cfg.head_dim],
-                    rows: Vec::new(),
+                    rows: crate::pack::PackedRows::new(crate::pack::RowFormat::attn(cfg)),
                     comp: (r != 0).then(|| comp(cfg.coff(l), r, cfg.head_dim)),
-                    idx_rows: Vec::new(),
+                    idx_rows: crate::pack::PackedRows::new(crate::pack::RowFormat::indexer(cfg)),
                     idx_comp: cfg.has_indexer(l).then(|| comp(2, r, cfg.index_head_dim)),
                 }
             })

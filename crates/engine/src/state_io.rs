@@ -14,31 +14,36 @@
 //! the model it belongs to by fingerprint, so a truncated, corrupt or foreign
 //! payload is rejected before any state is touched.
 //!
-//! Payload layout (version 1, little-endian):
+//! Payload layout (version 2, little-endian):
 //! ```text
-//! u8[8]  magic "DSV4SES\0"      u32 version = 1        u32 flags = 0
+//! u8[8]  magic "DSV4SES\0"      u32 version = 2        u32 flags = 0
 //! u64    fingerprint.arch       u64 fingerprint.base   u64 fingerprint.full
 //! u64    n tokens               u32 n_layers  u32 window  u32 head_dim
 //! u32    index_head_dim         u32 vocab     u32 logits length (0 or vocab)
 //! u32[n] tokens                 f32[logits length] next-token logits
 //! per layer: u32 ratio, u32 n_rows, u32 n_idx_rows, u32 has_comp, u32 has_idx,
-//!            f32 ring[window·head_dim], f32 rows[n_rows·head_dim],
+//!            u32 row_bytes, u32 idx_row_bytes        (packed row sizes, see `pack`)
+//!            f32 ring[window·head_dim], u8 rows[n_rows·row_bytes],
 //!            if has_comp: f32 kv[len], f32 score[len]   (len from the config)
-//!            f32 idx_rows[n_idx_rows·index_head_dim],
+//!            u8 idx_rows[n_idx_rows·idx_row_bytes],
 //!            if has_idx:  f32 kv[len], f32 score[len]
 //! u32    crc32 of every byte above
 //! ```
-//! Rows are stored as the engine holds them (f32); the MTP block's state is not
-//! saved (it is a drafting cache; a loaded session starts it empty).
+//! Rows are stored as the engine holds them: packed (FP8 codes + exponents + f32
+//! RoPE dims; FP4 codes + exponents), which is lossless. Version 1 payloads (the
+//! same layout without the two row-size words, rows as f32) are still read: their
+//! rows are packed on load, exactly. The MTP block's state is not saved (it is a
+//! drafting cache; a loaded session starts it empty).
 
 use std::io::{Read, Write};
 
 use crate::config::Config;
 use crate::error::{EngineError, Result};
 use crate::model::{CompState, LayerState, State};
+use crate::pack::{PackedRows, RowFormat};
 
 pub const PAYLOAD_MAGIC: [u8; 8] = *b"DSV4SES\0";
-pub const PAYLOAD_VERSION: u32 = 1;
+pub const PAYLOAD_VERSION: u32 = 2;
 /// Sanity bound on token counts read from a payload (larger than any context).
 const MAX_TOKENS: u64 = 1 << 26;
 
@@ -118,29 +123,29 @@ impl State {
         self.layers
             .iter()
             .map(|l| {
-                (l.ring.capacity() + l.rows.capacity() + l.idx_rows.capacity()) * 4 + comp_bytes(&l.comp) + comp_bytes(&l.idx_comp)
+                l.ring.capacity() * 4 + l.rows.heap_bytes() + l.idx_rows.heap_bytes() + comp_bytes(&l.comp) + comp_bytes(&l.idx_comp)
             })
             .sum()
     }
 
-    /// Reserves row storage for `ctx` tokens up front, so a long session never
-    /// reallocates (and the memory need is known at start).
+    /// Reserves (packed) row storage for `ctx` tokens up front, so a long session
+    /// never reallocates and the memory need is known at start
+    /// (`pack::StateBytes::for_ctx` gives the same figure from the config alone).
     pub fn reserve_for(&mut self, cfg: &Config, ctx: usize) {
         for (l, ls) in self.layers.iter_mut().enumerate() {
             let r = cfg.compress_ratios.get(l).copied().unwrap_or(0);
             if r == 0 {
                 continue;
             }
-            let want = ctx / r * cfg.head_dim;
+            let want = ctx / r;
             ls.rows.reserve_exact(want.saturating_sub(ls.rows.len()));
             if ls.idx_comp.is_some() {
-                let want = ctx / r * cfg.index_head_dim;
                 ls.idx_rows.reserve_exact(want.saturating_sub(ls.idx_rows.len()));
             }
         }
     }
 
-    pub fn frontier(&self, cfg: &Config) -> Frontier {
+    pub fn frontier(&self, _cfg: &Config) -> Frontier {
         Frontier {
             pos: self.pos,
             layers: self
@@ -148,9 +153,9 @@ impl State {
                 .iter()
                 .map(|l| FrontierLayer {
                     ring: l.ring.clone(),
-                    n_rows: l.rows.len() / cfg.head_dim,
+                    n_rows: l.rows.len(),
                     comp: l.comp.clone(),
-                    n_idx_rows: l.idx_rows.len() / cfg.index_head_dim,
+                    n_idx_rows: l.idx_rows.len(),
                     idx_comp: l.idx_comp.clone(),
                 })
                 .collect(),
@@ -160,19 +165,19 @@ impl State {
     /// Rewinds to a frontier taken earlier on this state's timeline. The caller
     /// guarantees that the state has not been rewound before `f.pos` since `f`
     /// was taken (otherwise its row prefix may differ); sizes are checked.
-    pub fn rewind_to(&mut self, cfg: &Config, f: &Frontier) -> Result<()> {
+    pub fn rewind_to(&mut self, _cfg: &Config, f: &Frontier) -> Result<()> {
         if f.pos > self.pos || f.layers.len() != self.layers.len() {
             return Err(EngineError::Input(format!("frontier at {} does not fit a state at {}", f.pos, self.pos)));
         }
         for (l, fl) in self.layers.iter().zip(&f.layers) {
-            if l.rows.len() < fl.n_rows * cfg.head_dim || l.idx_rows.len() < fl.n_idx_rows * cfg.index_head_dim {
+            if l.rows.len() < fl.n_rows || l.idx_rows.len() < fl.n_idx_rows {
                 return Err(EngineError::Input("frontier has more rows than the live state".into()));
             }
         }
         for (l, fl) in self.layers.iter_mut().zip(&f.layers) {
             l.ring.copy_from_slice(&fl.ring);
-            l.rows.truncate(fl.n_rows * cfg.head_dim);
-            l.idx_rows.truncate(fl.n_idx_rows * cfg.index_head_dim);
+            l.rows.truncate(fl.n_rows);
+            l.idx_rows.truncate(fl.n_idx_rows);
             l.comp.clone_from(&fl.comp);
             l.idx_comp.clone_from(&fl.idx_comp);
         }
@@ -192,9 +197,11 @@ impl State {
             let n_rows = if r == 0 { 0 } else { self.pos / r };
             let comp_len = |c: &Option<CompState>| c.as_ref().map(|c| (c.kv.len(), c.score.len()));
             let ok = l.ring.len() == t.ring.len()
-                && l.rows.len() == n_rows * cfg.head_dim
+                && l.rows.len() == n_rows
+                && l.rows.format() == t.rows.format()
                 && comp_len(&l.comp) == comp_len(&t.comp)
-                && l.idx_rows.len() == if t.idx_comp.is_some() { n_rows * cfg.index_head_dim } else { 0 }
+                && l.idx_rows.len() == if t.idx_comp.is_some() { n_rows } else { 0 }
+                && l.idx_rows.format() == t.idx_rows.format()
                 && comp_len(&l.idx_comp) == comp_len(&t.idx_comp);
             if !ok {
                 return bad(format!("layer {i} has the wrong sizes for position {}", self.pos));
@@ -303,18 +310,24 @@ pub fn write_payload(w: &mut dyn Write, cfg: &Config, meta: &PayloadMeta, st: &S
     put_f32s(&mut w, &meta.logits)?;
     for (i, l) in st.layers.iter().enumerate() {
         let r = cfg.compress_ratios.get(i).copied().unwrap_or(0);
-        let n_rows = l.rows.len() / cfg.head_dim;
-        let n_idx = l.idx_rows.len() / cfg.index_head_dim;
-        let hdr = [r as u32, n_rows as u32, n_idx as u32, l.comp.is_some() as u32, l.idx_comp.is_some() as u32];
+        let hdr = [
+            r as u32,
+            l.rows.len() as u32,
+            l.idx_rows.len() as u32,
+            l.comp.is_some() as u32,
+            l.idx_comp.is_some() as u32,
+            l.rows.format().row_bytes() as u32,
+            l.idx_rows.format().row_bytes() as u32,
+        ];
         let hdr: Vec<u8> = hdr.iter().flat_map(|v| v.to_le_bytes()).collect();
         w.write_all(&hdr)?;
         put_f32s(&mut w, &l.ring)?;
-        put_f32s(&mut w, &l.rows)?;
+        w.write_all(l.rows.as_bytes())?;
         if let Some(c) = &l.comp {
             put_f32s(&mut w, &c.kv)?;
             put_f32s(&mut w, &c.score)?;
         }
-        put_f32s(&mut w, &l.idx_rows)?;
+        w.write_all(l.idx_rows.as_bytes())?;
         if let Some(c) = &l.idx_comp {
             put_f32s(&mut w, &c.kv)?;
             put_f32s(&mut w, &c.score)?;
@@ -323,6 +336,21 @@ pub fn write_payload(w: &mut dyn Write, cfg: &Config, meta: &PayloadMeta, st: &S
     let crc = w.crc.clone().finalize();
     w.inner.write_all(&crc.to_le_bytes())?;
     Ok(())
+}
+
+/// Reads `n` rows of `fmt`: packed bytes (version 2), or f32 (version 1) packed
+/// here, exactly (off-grid rows are an error).
+fn read_rows(r: &mut CrcReader, version: u32, fmt: RowFormat, n: usize) -> Result<PackedRows> {
+    if version == 1 {
+        let v = r.f32s(n * fmt.dim())?;
+        let mut p = PackedRows::new(fmt);
+        p.extend_from_f32(&v)?;
+        Ok(p)
+    } else {
+        let mut b = vec![0u8; n * fmt.row_bytes()];
+        r.exact(&mut b)?;
+        Ok(PackedRows::from_bytes(fmt, n, b)?)
+    }
 }
 
 /// Reads a payload for the model whose fresh state is `template`. Every size is
@@ -337,8 +365,8 @@ pub fn read_payload(r: &mut dyn Read, cfg: &Config, template: &State) -> Result<
         return Err(bad("not a dsv4 session payload (bad magic)"));
     }
     let version = r.u32()?;
-    if version != PAYLOAD_VERSION {
-        return Err(bad(&format!("version {version}, this engine reads {PAYLOAD_VERSION}")));
+    if version != PAYLOAD_VERSION && version != 1 {
+        return Err(bad(&format!("version {version}, this engine reads 1 and {PAYLOAD_VERSION}")));
     }
     let _flags = r.u32()?;
     let fingerprint = Fingerprint { arch: r.u64()?, base: r.u64()?, full: r.u64()? };
@@ -369,20 +397,25 @@ pub fn read_payload(r: &mut dyn Read, cfg: &Config, template: &State) -> Result<
     let mut layers = Vec::with_capacity(template.layers.len());
     for (i, t) in template.layers.iter().enumerate() {
         let ratio = cfg.compress_ratios.get(i).copied().unwrap_or(0);
-        let h: Vec<u32> = (0..5).map(|_| r.u32()).collect::<Result<_>>()?;
+        let (afmt, ifmt) = (t.rows.format(), t.idx_rows.format());
+        let h: Vec<u32> = (0..if version == 1 { 5 } else { 7 }).map(|_| r.u32()).collect::<Result<_>>()?;
         let want_rows = if ratio == 0 { 0 } else { n / ratio };
         let want_idx = if t.idx_comp.is_some() { want_rows } else { 0 };
-        let want_h = [ratio as u32, want_rows as u32, want_idx as u32, t.comp.is_some() as u32, t.idx_comp.is_some() as u32];
+        let mut want_h = vec![ratio as u32, want_rows as u32, want_idx as u32, t.comp.is_some() as u32, t.idx_comp.is_some() as u32];
+        if version != 1 {
+            want_h.extend([afmt.row_bytes() as u32, ifmt.row_bytes() as u32]);
+        }
         if h != want_h {
             return Err(bad(&format!("layer {i} header {h:?} does not match {want_h:?}")));
         }
         let ring = r.f32s(t.ring.len())?;
-        let rows = r.f32s(want_rows * cfg.head_dim)?;
+        // version 1 rows are f32: pack them (exact, or an error for off-grid rows)
+        let rows = read_rows(&mut r, version, afmt, want_rows)?;
         let comp = match &t.comp {
             Some(c) => Some(CompState { kv: r.f32s(c.kv.len())?, score: r.f32s(c.score.len())? }),
             None => None,
         };
-        let idx_rows = r.f32s(want_idx * cfg.index_head_dim)?;
+        let idx_rows = read_rows(&mut r, version, ifmt, want_idx)?;
         let idx_comp = match &t.idx_comp {
             Some(c) => Some(CompState { kv: r.f32s(c.kv.len())?, score: r.f32s(c.score.len())? }),
             None => None,
