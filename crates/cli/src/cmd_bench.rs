@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dsv4_gguf::kernels::{matvec, matvec_q8, quantize_acts};
 use dsv4_gguf::quant::simd::read_probe;
-use dsv4_gguf::quant::{f32_to_bf16, f32_to_f16, simd_enabled};
+use dsv4_gguf::quant::{f32_to_bf16, f32_to_f16};
 use dsv4_gguf::GgmlType;
 use dsv4_gguf::rayon::{self, prelude::*};
 
@@ -80,9 +80,9 @@ pub struct KernelResult {
 
 fn bench_kernels(a: &BenchArgs) -> Result<()> {
     println!(
-        "threads: {}, SIMD (AVX2+FMA+F16C): {}, weights: {} MiB per type, {} reps",
+        "threads: {}, SIMD level: {:?} (IQ2_XXS uses AVX-512 where present), weights: {} MiB per type, {} reps",
         rayon::current_num_threads(),
-        if simd_enabled() { "on" } else { "off" },
+        dsv4_gguf::quant::simd::simd_level(),
         a.size_mb,
         a.reps
     );

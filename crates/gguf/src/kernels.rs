@@ -8,7 +8,8 @@
 
 use rayon::prelude::*;
 
-use crate::quant::{self, float, iq2_xxs, q2_k, q4_k, q8_0, simd_available, simd_enabled, Q8KActs, Q8_0Acts};
+use crate::quant::simd::{clamp_level, level_of};
+use crate::quant::{self, float, iq2_xxs, q2_k, q4_k, q8_0, simd_level, Q8KActs, Q8_0Acts, SimdLevel};
 use crate::types::GgmlType;
 
 /// Below this many weight bytes a product runs on the calling thread.
@@ -37,11 +38,11 @@ pub fn matvec(ty: GgmlType, w: &[u8], n_rows: usize, n_cols: usize, x: &[f32], y
     let rb = check_shapes(ty, w, n_rows, n_cols);
     assert_eq!(x.len(), n_cols);
     assert_eq!(y.len(), n_rows);
-    let simd = simd_enabled();
+    let level = simd_level();
     let run = |r0: usize, ys: &mut [f32]| {
         for (i, yv) in ys.iter_mut().enumerate() {
             let r = r0 + i;
-            *yv = quant::dot_f32_with(ty, &w[r * rb..(r + 1) * rb], x, simd);
+            *yv = quant::dot_f32_at(ty, &w[r * rb..(r + 1) * rb], x, level);
         }
     };
     if w.len() < PAR_MIN_BYTES {
@@ -160,14 +161,24 @@ pub fn quantize_acts(weight_ty: GgmlType, x: &[f32]) -> QuantizedActs {
     QuantizedActs { weight_ty, x: x.to_vec(), blocks }
 }
 
-/// Integer dot of one weight row with prepared activations (SIMD if `simd`).
+/// Integer dot of one weight row with prepared activations (SIMD if `simd`:
+/// the best level the CPU supports).
 pub fn dot_q8_with(ty: GgmlType, row: &[u8], a: &QuantizedActs, simd: bool) -> f32 {
+    dot_q8_at(ty, row, a, level_of(simd))
+}
+
+/// [`dot_q8_with`] at an explicit [`SimdLevel`] (lowered to what the CPU supports).
+pub fn dot_q8_at(ty: GgmlType, row: &[u8], a: &QuantizedActs, level: SimdLevel) -> f32 {
     debug_assert_eq!(ty.row_bytes(a.len()), Some(row.len()));
-    let simd = simd && simd_available();
+    let level = clamp_level(level);
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = level >= SimdLevel::Avx2;
+    #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
+    let avx512 = level == SimdLevel::Avx512;
     match (&a.blocks, ty) {
         (ActBlocks::Q8_0(q), GgmlType::Q8_0) => {
             #[cfg(target_arch = "x86_64")]
-            if simd {
+            if avx2 {
                 // SAFETY: AVX2/FMA/F16C present; row holds d.len() blocks (checked by caller).
                 return unsafe { q8_0::avx2::dot_q8(row, &q.d, &q.qs) };
             }
@@ -175,7 +186,7 @@ pub fn dot_q8_with(ty: GgmlType, row: &[u8], a: &QuantizedActs, simd: bool) -> f
         }
         (ActBlocks::Q8K(q), GgmlType::Q2_K) => {
             #[cfg(target_arch = "x86_64")]
-            if simd {
+            if avx2 {
                 // SAFETY: as above.
                 return unsafe { q2_k::avx2::dot_q8(row, &q.d, &q.qs, &q.bsums) };
             }
@@ -183,22 +194,48 @@ pub fn dot_q8_with(ty: GgmlType, row: &[u8], a: &QuantizedActs, simd: bool) -> f
         }
         (ActBlocks::Q8K(q), GgmlType::Q4_K) => {
             #[cfg(target_arch = "x86_64")]
-            if simd {
+            if avx2 {
                 // SAFETY: as above.
                 return unsafe { q4_k::avx2::dot_q8(row, &q.d, &q.qs, &q.bsums) };
             }
             q4_k::dot_q8_scalar(row, &q.d, &q.qs, &q.bsums)
         }
         (ActBlocks::Q8K(q), GgmlType::IQ2_XXS) => {
+            #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
+            if avx512 {
+                // SAFETY: AVX-512 F/BW/VBMI/VNNI + AVX2 present (clamp_level).
+                return unsafe { iq2_xxs::avx512::dot_q8(row, &q.d, &q.qs) };
+            }
             #[cfg(target_arch = "x86_64")]
-            if simd {
+            if avx2 {
                 // SAFETY: as above.
                 return unsafe { iq2_xxs::avx2::dot_q8(row, &q.d, &q.qs) };
             }
             iq2_xxs::dot_q8_scalar(row, &q.d, &q.qs)
         }
         // Float weights, or activations prepared for another type: f32 path.
-        _ => quant::dot_f32_with(ty, row, &a.x, simd),
+        _ => quant::dot_f32_at(ty, row, &a.x, level),
+    }
+}
+
+/// `out[t] = dot_q8_at(ty, row, &xq[t], level)` for a tile of at most
+/// `TOK_TILE` tokens (bitwise equal); IQ2_XXS at the AVX-512 level decodes
+/// each weight block once for the whole tile.
+fn dot_q8_tile(ty: GgmlType, row: &[u8], xq: &[QuantizedActs], level: SimdLevel, out: &mut [f32]) {
+    #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
+    if ty == GgmlType::IQ2_XXS && clamp_level(level) == SimdLevel::Avx512 && xq.len() > 1 {
+        let acts: Option<Vec<(&[f32], &[i8])>> = xq.iter().map(|a| a.q8_k().map(|q| (&q.d[..], &q.qs[..]))).collect();
+        if let Some(acts) = acts {
+            for (xs, o) in acts.chunks(iq2_xxs::avx512::MULTI_MAX).zip(out.chunks_mut(iq2_xxs::avx512::MULTI_MAX)) {
+                // SAFETY: AVX-512 F/BW/VBMI/VNNI/BITALG + AVX2 present (clamp_level);
+                // every activation set holds row.len() / 66 blocks (checked by the caller).
+                unsafe { iq2_xxs::avx512::dot_q8_multi(row, xs, o) };
+            }
+            return;
+        }
+    }
+    for (o, a) in out.iter_mut().zip(xq) {
+        *o = dot_q8_at(ty, row, a, level);
     }
 }
 
@@ -208,11 +245,11 @@ pub fn matvec_q8(ty: GgmlType, w: &[u8], n_rows: usize, n_cols: usize, xq: &Quan
     let rb = check_shapes(ty, w, n_rows, n_cols);
     assert_eq!(xq.len(), n_cols);
     assert_eq!(y.len(), n_rows);
-    let simd = simd_enabled();
+    let level = simd_level();
     let run = |r0: usize, ys: &mut [f32]| {
         for (i, yv) in ys.iter_mut().enumerate() {
             let r = r0 + i;
-            *yv = dot_q8_with(ty, &w[r * rb..(r + 1) * rb], xq, simd);
+            *yv = dot_q8_at(ty, &w[r * rb..(r + 1) * rb], xq, level);
         }
     };
     if w.len() < PAR_MIN_BYTES {
@@ -235,7 +272,7 @@ pub fn matmul_q8(ty: GgmlType, w: &[u8], n_rows: usize, n_cols: usize, xq: &[Qua
     if n_tok == 0 || n_rows == 0 {
         return;
     }
-    let simd = simd_enabled();
+    let level = simd_level();
     let chunk = rows_per_task(rb, n_rows);
     let mut yt = vec![0f32; n_rows * n_tok];
     let work = |c: usize, out: &mut [f32]| {
@@ -245,9 +282,7 @@ pub fn matmul_q8(ty: GgmlType, w: &[u8], n_rows: usize, n_cols: usize, xq: &[Qua
             let t1 = (t0 + TOK_TILE).min(n_tok);
             for i in 0..nr {
                 let row = &w[(r0 + i) * rb..(r0 + i + 1) * rb];
-                for t in t0..t1 {
-                    out[i * n_tok + t] = dot_q8_with(ty, row, &xq[t], simd);
-                }
+                dot_q8_tile(ty, row, &xq[t0..t1], level, &mut out[i * n_tok + t0..i * n_tok + t1]);
             }
         }
     };

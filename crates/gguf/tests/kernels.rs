@@ -1,8 +1,8 @@
 //! Kernels: SIMD vs scalar on odd shapes and random data, integer (q8) dots
 //! vs the dequantised identity, matvec / matmul consistency.
 
-use dsv4_gguf::kernels::{dot_q8_with, matmul, matmul_q8, matvec, matvec_q8, quantize_acts};
-use dsv4_gguf::quant::{self, dot_f32_with, f32_to_f16, quantize_acts_q8_0, quantize_acts_q8_k, simd_available};
+use dsv4_gguf::kernels::{dot_q8_at, dot_q8_with, matmul, matmul_q8, matvec, matvec_q8, quantize_acts};
+use dsv4_gguf::quant::{self, dot_f32_at, dot_f32_with, f32_to_f16, levels_available, quantize_acts_q8_0, quantize_acts_q8_k, simd_available};
 use dsv4_gguf::GgmlType;
 use proptest::prelude::*;
 
@@ -82,6 +82,13 @@ fn check_row(ty: GgmlType, n_blocks: usize, seed: u64) {
     let qv = dot_q8_with(ty, &row, &xq, true) as f64;
     assert!(close(qs, eq, mq, 2e-5), "{ty} n={n}: q8 scalar {qs} vs {eq}");
     assert!(close(qv, eq, mq, 2e-5), "{ty} n={n}: q8 simd {qv} vs {eq}");
+    // Every instruction-set level this CPU has (scalar, AVX2, AVX-512).
+    for level in levels_available() {
+        let v = dot_f32_at(ty, &row, &x, level) as f64;
+        assert!(close(v, e, m, 1e-5), "{ty} n={n}: {level:?} {v} vs exact {e}");
+        let qv = dot_q8_at(ty, &row, &xq, level) as f64;
+        assert!(close(qv, eq, mq, 2e-5), "{ty} n={n}: q8 {level:?} {qv} vs {eq}");
+    }
 }
 
 #[test]
@@ -93,6 +100,50 @@ fn simd_matches_scalar_odd_shapes() {
         for n_blocks in [1, 2, 3, 7, 9, 17, 33] {
             for seed in 0..4 {
                 check_row(ty, n_blocks, 0x9E37_79B9 + seed * 1000 + n_blocks as u64);
+            }
+        }
+    }
+}
+
+/// Worst cases for the integer paths: every quant / scale / sign bit at its
+/// extreme (no i16 overflow in `maddubs`/`packs`), activations at ±full scale.
+#[test]
+fn extreme_blocks_all_levels() {
+    for ty in WEIGHT_TYPES {
+        let n_blocks = 9;
+        let n = n_blocks * ty.block_elems();
+        let bb = ty.block_bytes();
+        for fill in [0xFFu8, 0x00, 0xAA, 0x55, 0x80, 0x7F] {
+            let mut row = vec![fill; n_blocks * bb];
+            for b in row.chunks_exact_mut(bb) {
+                let h = f32_to_f16(0.01).to_le_bytes();
+                match ty {
+                    GgmlType::F32 => b.copy_from_slice(&(-0.5f32).to_le_bytes()),
+                    GgmlType::F16 | GgmlType::BF16 => b.copy_from_slice(&h),
+                    GgmlType::Q8_0 | GgmlType::IQ2_XXS => b[..2].copy_from_slice(&h),
+                    GgmlType::Q2_K => {
+                        b[80..82].copy_from_slice(&h);
+                        b[82..84].copy_from_slice(&h);
+                    }
+                    GgmlType::Q4_K => {
+                        b[..2].copy_from_slice(&h);
+                        b[2..4].copy_from_slice(&h);
+                    }
+                    _ => unreachable!(),
+                }
+            }
+            let w = quant::dequantize_vec(ty, &row, n).unwrap();
+            for xs in [[1.0f32, 1.0], [-1.0, -1.0], [1.0, -1.0]] {
+                let x: Vec<f32> = (0..n).map(|i| xs[i % 2]).collect();
+                let (e, m) = exact_dot(&w, &x);
+                let xq = quantize_acts(ty, &x);
+                for level in levels_available() {
+                    let v = dot_f32_at(ty, &row, &x, level) as f64;
+                    assert!(close(v, e, m, 1e-5), "{ty} fill {fill:#x} {level:?}: {v} vs {e}");
+                    let q = dot_q8_at(ty, &row, &xq, level) as f64;
+                    let s = dot_q8_at(ty, &row, &xq, quant::SimdLevel::Scalar) as f64;
+                    assert!(close(q, s, m, 2e-5), "{ty} fill {fill:#x} q8 {level:?}: {q} vs scalar {s}");
+                }
             }
         }
     }
@@ -200,5 +251,31 @@ proptest! {
     #[test]
     fn simd_matches_scalar_random(ty_i in 0usize..7, n_blocks in 1usize..12, seed in any::<u64>()) {
         check_row(WEIGHT_TYPES[ty_i], n_blocks, seed);
+    }
+}
+
+/// matmul_q8 (tiles of tokens; IQ2_XXS decodes each block once per tile at
+/// the AVX-512 level) is bitwise equal to matvec_q8 per token, for even and
+/// odd block counts and token counts around the tile size.
+#[test]
+fn matmul_q8_tiles_match_matvec_q8() {
+    let mut rng = Rng(4242);
+    for ty in [GgmlType::IQ2_XXS, GgmlType::Q2_K, GgmlType::Q8_0] {
+        for (n_blocks, n_rows) in [(1, 3), (2, 5), (5, 4), (16, 70)] {
+            let n_cols = n_blocks * 256;
+            let w = random_blocks(ty, n_cols / ty.block_elems() * n_rows, &mut rng);
+            for n_tok in [2, 7, 8, 9, 17] {
+                let xqs: Vec<_> = (0..n_tok)
+                    .map(|_| quantize_acts(ty, &(0..n_cols).map(|_| rng.f()).collect::<Vec<f32>>()))
+                    .collect();
+                let mut y = vec![0f32; n_rows * n_tok];
+                matmul_q8(ty, &w, n_rows, n_cols, &xqs, &mut y);
+                for (t, xq) in xqs.iter().enumerate() {
+                    let mut yv = vec![0f32; n_rows];
+                    matvec_q8(ty, &w, n_rows, n_cols, xq, &mut yv);
+                    assert_eq!(&y[t * n_rows..(t + 1) * n_rows], &yv[..], "{ty} blocks={n_blocks} n_tok={n_tok} t={t}");
+                }
+            }
+        }
     }
 }

@@ -192,3 +192,344 @@ pub(crate) mod avx2 {
         hsum_ps(acc)
     }
 }
+
+/// 2-bit level codes of the grid (8 → 0, 25 → 1, 43 → 2), bits 2m..2m+1 for
+/// value m: `[0]` = low byte (values 0..3), `[1]` = high byte (values 4..7).
+#[cfg_attr(not(dsv4_avx512), allow(dead_code))]
+pub(crate) static GRID_CODES: [[u8; 256]; 2] = {
+    let mut t = [[0u8; 256]; 2];
+    let mut i = 0;
+    while i < 256 {
+        let mut m = 0;
+        while m < 8 {
+            let v = (IQ2XXS_GRID[i] >> (8 * m)) & 255;
+            let lvl: u8 = if v == 8 {
+                0
+            } else if v == 25 {
+                1
+            } else if v == 43 {
+                2
+            } else {
+                panic!("IQ2_XXS grid value outside {{8, 25, 43}}")
+            };
+            t[m / 4][i] |= lvl << (2 * (m % 4));
+            m += 1;
+        }
+        i += 1;
+    }
+    t
+};
+
+/// AVX-512 (F/BW/VBMI/VNNI/BITALG) kernels: the whole block is decoded with
+/// byte permutes instead of 64 scalar table loads. Grid rows become 16-bit
+/// level codes through `vpermi2b` lookups in [`GRID_CODES`] (8 registers),
+/// sign rows through one `vpermi2b` in `ksigns`; per 64 weights one
+/// `vpermt2b` gathers (low code, high code, signs) of each 8-value row into a
+/// qword, `vpmultishiftqb` + `vpermb` give the magnitudes, `vpshufbitqmb` the
+/// sign mask, and `vpdpbusd` multiplies the magnitudes with the Q8_K
+/// activations negated under that mask.
+#[cfg(all(target_arch = "x86_64", dsv4_avx512))]
+#[allow(clippy::incompatible_msrv)] // only built with Rust ≥ 1.89 (build.rs)
+pub(crate) mod avx512 {
+    use super::*;
+    use crate::quant::simd::avx2::{f16_1, prefetch_block};
+    use std::arch::x86_64::*;
+
+    const fn sub_idx() -> [[u8; 64]; 4] {
+        // P_r qword s (g = 2r + s/4, k = s%4): byte 0 = low code (LS[8g+k]),
+        // byte 1 = high code (hi[8g+k], second table), byte 2 = sign row (LS[8g+4+k]).
+        let mut t = [[0u8; 64]; 4];
+        let mut r = 0;
+        while r < 4 {
+            let mut s = 0;
+            while s < 8 {
+                let g = 2 * r + s / 4;
+                let k = s % 4;
+                t[r][8 * s] = (8 * g + k) as u8;
+                t[r][8 * s + 1] = (64 + 8 * g + k) as u8;
+                t[r][8 * s + 2] = (8 * g + 4 + k) as u8;
+                s += 1;
+            }
+            r += 1;
+        }
+        t
+    }
+    static SUB_IDX: [[u8; 64]; 4] = sub_idx();
+    static LEVELS: [u8; 64] = {
+        let mut t = [0u8; 64];
+        let mut i = 0;
+        while i < 64 {
+            t[i] = [8u8, 25, 43, 0][i & 3];
+            i += 1;
+        }
+        t
+    };
+    /// Scale words for `packs(dot_r, dot_r+1)` (r = 0 → `[0]`, r = 2 → `[1]`):
+    /// word j (128-bit lane L = j/8, p = j%8) comes from dword 4L + p%4 of
+    /// dot_{r + p/4}, i.e. group 2(r + p/4) + L/2, whose scale is word 0 of
+    /// qword g of the scales register (`vpermw` index 4g).
+    static SC_IDX: [[u16; 32]; 2] = {
+        let mut t = [[0u16; 32]; 2];
+        let mut h = 0;
+        while h < 2 {
+            let mut j = 0;
+            while j < 32 {
+                let (l, p) = (j / 8, j % 8);
+                let g = 2 * (2 * h + p / 4) + l / 2;
+                t[h][j] = (4 * g) as u16;
+                j += 1;
+            }
+            h += 1;
+        }
+        t
+    };
+
+    // vpmultishiftqb controls (one qword, broadcast).
+    /// bytes 0..3 = grid indices (unchanged), 4..7 = the four 7-bit sign indices.
+    const CTRL_SIDX: u64 = u64::from_le_bytes([0, 8, 16, 24, 32, 39, 46, 53]);
+    /// byte m = bits 2m.. of the 16-bit level code.
+    const CTRL_LVL: u64 = u64::from_le_bytes([0, 2, 4, 6, 8, 10, 12, 14]);
+    /// `vpshufbitqmb` control: mask bit m of a qword = sign bit m (bit 16+m).
+    const CTRL_SGN: u64 = u64::from_le_bytes([16, 17, 18, 19, 20, 21, 22, 23]);
+
+    #[inline(always)]
+    unsafe fn ld(p: *const u8) -> __m512i {
+        _mm512_loadu_si512(p as *const _)
+    }
+
+    /// Constant registers of the decoder.
+    struct Tabs {
+        tl: [__m512i; 4],
+        th: [__m512i; 4],
+        ks: [__m512i; 2],
+        levels: __m512i,
+        sub: [__m512i; 4],
+        sc: [__m512i; 2],
+        c_sidx: __m512i,
+        c_lvl: __m512i,
+        c_sgn: __m512i,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
+    unsafe fn tabs() -> Tabs {
+        let gl = GRID_CODES[0].as_ptr();
+        let gh = GRID_CODES[1].as_ptr();
+        Tabs {
+            tl: [ld(gl), ld(gl.add(64)), ld(gl.add(128)), ld(gl.add(192))],
+            th: [ld(gh), ld(gh.add(64)), ld(gh.add(128)), ld(gh.add(192))],
+            ks: [ld(KSIGNS_IQ2XS.as_ptr()), ld(KSIGNS_IQ2XS.as_ptr().add(64))],
+            levels: ld(LEVELS.as_ptr()),
+            sub: [ld(SUB_IDX[0].as_ptr()), ld(SUB_IDX[1].as_ptr()), ld(SUB_IDX[2].as_ptr()), ld(SUB_IDX[3].as_ptr())],
+            sc: [ld(SC_IDX[0].as_ptr() as *const u8), ld(SC_IDX[1].as_ptr() as *const u8)],
+            c_sidx: _mm512_set1_epi64(CTRL_SIDX as i64),
+            c_lvl: _mm512_set1_epi64(CTRL_LVL as i64),
+            c_sgn: _mm512_set1_epi64(CTRL_SGN as i64),
+        }
+    }
+
+    /// Per-block decode: `(LS, hi, Q)`: LS qword g = low codes (bytes 0..3) and
+    /// sign rows (4..7) of group g, `hi` bytes 8g..8g+3 = high codes, `Q` the raw
+    /// 64 group bytes (for the scales).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
+    unsafe fn codes(b: *const u8, t: &Tabs) -> (__m512i, __m512i, __m512i) {
+        let q = ld(b.add(2));
+        let m = _mm512_multishift_epi64_epi8(t.c_sidx, q);
+        let signs = _mm512_permutex2var_epi8(t.ks[0], m, t.ks[1]);
+        let top = _mm512_movepi8_mask(q);
+        let lo = _mm512_mask_blend_epi8(
+            top,
+            _mm512_permutex2var_epi8(t.tl[0], q, t.tl[1]),
+            _mm512_permutex2var_epi8(t.tl[2], q, t.tl[3]),
+        );
+        let hi = _mm512_mask_blend_epi8(
+            top,
+            _mm512_permutex2var_epi8(t.th[0], q, t.th[1]),
+            _mm512_permutex2var_epi8(t.th[2], q, t.th[3]),
+        );
+        let ls = _mm512_mask_blend_epi8(0xF0F0_F0F0_F0F0_F0F0, lo, signs);
+        (ls, hi, q)
+    }
+
+    /// Magnitudes (u8) and sign mask of the 64 values of groups 2r, 2r+1.
+    #[inline(always)]
+    unsafe fn part(t: &Tabs, ls: __m512i, hi: __m512i, r: usize) -> (__m512i, __mmask64) {
+        let p = _mm512_permutex2var_epi8(ls, t.sub[r], hi);
+        let mag = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(t.c_lvl, p), t.levels);
+        let neg = _mm512_bitshuffle_epi64_mask(p, t.c_sgn);
+        (mag, neg)
+    }
+
+    /// A decoded block: magnitudes and sign masks of the four 64-value parts,
+    /// and the group-scale words for the two packed dot pairs.
+    struct Decoded {
+        mag: [__m512i; 4],
+        neg: [__mmask64; 4],
+        w: [__m512i; 2],
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
+    unsafe fn decode(b: *const u8, t: &Tabs) -> Decoded {
+        let (ls, hi, q) = codes(b, t);
+        // Qword g: (a1 >> 27) | 1 = 2·ls_g + 1 (< 32, so also its low word).
+        let scales = _mm512_or_si512(_mm512_srli_epi64(q, 59), _mm512_set1_epi64(1));
+        let (m0, n0) = part(t, ls, hi, 0);
+        let (m1, n1) = part(t, ls, hi, 1);
+        let (m2, n2) = part(t, ls, hi, 2);
+        let (m3, n3) = part(t, ls, hi, 3);
+        Decoded {
+            mag: [m0, m1, m2, m3],
+            neg: [n0, n1, n2, n3],
+            w: [_mm512_permutexvar_epi16(t.sc[0], scales), _mm512_permutexvar_epi16(t.sc[1], scales)],
+        }
+    }
+
+    /// Σ_g (2·ls_g+1)·Σ signed_grid·q8 of a decoded block, as 16 i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
+    unsafe fn apply_q8(dec: &Decoded, q8: *const i8) -> __m512i {
+        let zero = _mm512_setzero_si512();
+        let mut dots = [zero; 4];
+        for (r, dot) in dots.iter_mut().enumerate() {
+            let a = ld(q8.add(64 * r) as *const u8);
+            let a = _mm512_mask_sub_epi8(a, dec.neg[r], zero, a);
+            *dot = _mm512_dpbusd_epi32(zero, dec.mag[r], a);
+        }
+        // |4 products| ≤ 4·43·128 < 2^15: the i32 lanes fit i16 (packs is
+        // exact), and madd with the per-word group scales sums pairs of them.
+        let mut sumi = zero;
+        for h in 0..2 {
+            let p = _mm512_packs_epi32(dots[2 * h], dots[2 * h + 1]);
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p, dec.w[h]));
+        }
+        sumi
+    }
+
+    /// Σ_g (2·ls_g+1)·Σ signed_grid·q8 of one block, as 16 i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
+    unsafe fn block_q8(b: *const u8, q8: *const i8, t: &Tabs) -> __m512i {
+        apply_q8(&decode(b, t), q8)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
+    pub unsafe fn dot_q8(row: &[u8], xd: &[f32], xq: &[i8]) -> f32 {
+        let t = tabs();
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let nb = xd.len();
+        let scale = |i: usize| {
+            let b = row.as_ptr().add(i * BLOCK_BYTES);
+            xd[i] * f16_1(u16::from_le_bytes([*b, *b.add(1)])) * 0.125
+        };
+        // Two blocks per iteration; block i goes to acc_{i%2} (dot_q8_multi
+        // keeps the same order, so its results are bitwise equal).
+        let mut i = 0;
+        while i + 2 <= nb {
+            let b = row.as_ptr().add(i * BLOCK_BYTES);
+            prefetch_block(b, 2 * BLOCK_BYTES);
+            let s0 = block_q8(b, xq.as_ptr().add(i * QK), &t);
+            let s1 = block_q8(b.add(BLOCK_BYTES), xq.as_ptr().add((i + 1) * QK), &t);
+            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(scale(i)), _mm512_cvtepi32_ps(s0), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_set1_ps(scale(i + 1)), _mm512_cvtepi32_ps(s1), acc1);
+            i += 2;
+        }
+        if i < nb {
+            let b = row.as_ptr().add(i * BLOCK_BYTES);
+            let s0 = block_q8(b, xq.as_ptr().add(i * QK), &t);
+            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(scale(i)), _mm512_cvtepi32_ps(s0), acc0);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    /// Most tokens [`dot_q8_multi`] takes at once.
+    pub const MULTI_MAX: usize = 8;
+
+    /// [`dot_q8`] of one row against up to [`MULTI_MAX`] tokens `(d, qs)`,
+    /// decoding each weight block once (prefill). `out[k]` is bitwise equal
+    /// to `dot_q8(row, xs[k].0, xs[k].1)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
+    pub unsafe fn dot_q8_multi(row: &[u8], xs: &[(&[f32], &[i8])], out: &mut [f32]) {
+        let n = xs.len().min(MULTI_MAX).min(out.len());
+        let t = tabs();
+        let mut acc = [[_mm512_setzero_ps(); 2]; MULTI_MAX];
+        let nb = row.len() / BLOCK_BYTES;
+        for i in 0..nb {
+            let b = row.as_ptr().add(i * BLOCK_BYTES);
+            prefetch_block(b, BLOCK_BYTES);
+            let dw = f16_1(u16::from_le_bytes([*b, *b.add(1)]));
+            let dec = decode(b, &t);
+            for (k, &(xd, xq)) in xs[..n].iter().enumerate() {
+                let s = apply_q8(&dec, xq.as_ptr().add(i * QK));
+                let a = &mut acc[k][i % 2];
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(xd[i] * dw * 0.125), _mm512_cvtepi32_ps(s), *a);
+            }
+        }
+        for k in 0..n {
+            out[k] = _mm512_reduce_add_ps(_mm512_add_ps(acc[k][0], acc[k][1]));
+        }
+    }
+
+    /// f32 path: signed grid values → f32, per group `d·(0.5+ls)·0.25 · Σ w·x`
+    /// (same scale expression as dequantisation).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
+    pub unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
+        let t = tabs();
+        let zero = _mm512_setzero_si512();
+        let mut acc = _mm512_setzero_ps();
+        for i in 0..x.len() / QK {
+            let b = row.as_ptr().add(i * BLOCK_BYTES);
+            prefetch_block(b, BLOCK_BYTES);
+            let d = f16_1(u16::from_le_bytes([*b, *b.add(1)]));
+            let (ls, hi, _) = codes(b, &t);
+            let xb = x.as_ptr().add(i * QK);
+            for r in 0..4 {
+                let (mag, neg) = part(&t, ls, hi, r);
+                let w = _mm512_mask_sub_epi8(mag, neg, zero, mag);
+                let xr = xb.add(64 * r);
+                let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(w)));
+                let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<1>(w)));
+                let w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<2>(w)));
+                let w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<3>(w)));
+                let pa = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr.add(16)), _mm512_mul_ps(w0, _mm512_loadu_ps(xr)));
+                let pb = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xr.add(48)), _mm512_mul_ps(w2, _mm512_loadu_ps(xr.add(32))));
+                let ga = b.add(2 + 8 * (2 * r) + 7);
+                let gb = b.add(2 + 8 * (2 * r + 1) + 7);
+                let da = d * (0.5 + (*ga >> 4) as f32) * 0.25;
+                let db = d * (0.5 + (*gb >> 4) as f32) * 0.25;
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(da), pa, acc);
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(db), pb, acc);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_codes_decode_to_grid() {
+        for (i, &g) in IQ2XXS_GRID.iter().enumerate() {
+            let code = GRID_CODES[0][i] as u16 | (GRID_CODES[1][i] as u16) << 8;
+            let mut v = 0u64;
+            for m in 0..8 {
+                v |= ([8u64, 25, 43][((code >> (2 * m)) & 3) as usize]) << (8 * m);
+            }
+            assert_eq!(v, g, "grid entry {i}");
+        }
+    }
+
+    #[test]
+    fn keven_signs_match_ksigns() {
+        for i in 0..128 {
+            for m in 0..8 {
+                let neg = (KEVEN_SIGNS[i] >> (8 * m)) & 255 == 0xFF;
+                assert_eq!(neg, (KSIGNS_IQ2XS[i] >> m) & 1 == 1);
+            }
+        }
+    }
+}

@@ -2,6 +2,8 @@
 //!
 //! One file per format; each has a scalar reference and (on x86-64) an AVX2
 //! variant chosen at run time (see [`simd`]; `DSV4_NO_SIMD=1` forces scalar).
+//! IQ2_XXS also has an AVX-512 (VBMI/VNNI/BITALG) variant, used where the CPU
+//! has it (`DSV4_NO_AVX512=1` keeps AVX2); [`SimdLevel`] selects explicitly.
 //! Dequantisation is scalar only: it is not on the inference hot path and is
 //! the bit-exact reference the tests compare against gguf-py.
 
@@ -17,7 +19,7 @@ pub mod simd;
 pub use float::{bf16_to_f32, encode_bf16, encode_f16, encode_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 pub use q8_0::{quantize_acts_q8_0, quantize_q8_0, Q8_0Acts};
 pub use q8_k::{quantize_acts_q8_k, quantize_q8_k, Q8KActs};
-pub use simd::{simd_available, simd_enabled};
+pub use simd::{avx512_available, best_level, levels_available, simd_available, simd_enabled, simd_level, SimdLevel};
 
 use crate::container::GgufError;
 use crate::types::GgmlType;
@@ -75,9 +77,14 @@ pub fn dot_f32(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     dot_f32_with(ty, row, x, simd_enabled())
 }
 
-/// [`dot_f32`] with an explicit choice of SIMD (`true` is ignored where the
-/// CPU lacks AVX2/FMA/F16C). Unsupported types (I32, Q8_K) return NaN.
+/// [`dot_f32`] with an explicit choice of SIMD (`true` = the best level the
+/// CPU supports, see [`simd::best_level`]). Unsupported types (I32, Q8_K) return NaN.
 pub fn dot_f32_with(ty: GgmlType, row: &[u8], x: &[f32], simd: bool) -> f32 {
+    dot_f32_at(ty, row, x, simd::level_of(simd))
+}
+
+/// [`dot_f32`] at an explicit [`SimdLevel`] (lowered to what the CPU supports).
+pub fn dot_f32_at(ty: GgmlType, row: &[u8], x: &[f32], level: SimdLevel) -> f32 {
     debug_assert_eq!(ty.row_bytes(x.len()), Some(row.len()), "dot_f32: row/x length mismatch for {ty}");
     let n = x.len() / ty.block_elems() * ty.block_elems();
     let Some(nb) = ty.row_bytes(n) else { return f32::NAN };
@@ -85,9 +92,17 @@ pub fn dot_f32_with(ty: GgmlType, row: &[u8], x: &[f32], simd: bool) -> f32 {
         return f32::NAN;
     }
     let (row, x) = (&row[..nb], &x[..n]);
+    let level = simd::clamp_level(level);
+    #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
+    if level == SimdLevel::Avx512 {
+        // SAFETY: the CPU supports AVX-512 F/BW/VBMI/VNNI + AVX2/FMA/F16C (clamp_level); lengths are consistent.
+        if ty == GgmlType::IQ2_XXS {
+            return unsafe { iq2_xxs::avx512::dot(row, x) };
+        }
+    }
     #[cfg(target_arch = "x86_64")]
-    if simd && simd_available() {
-        // SAFETY: the CPU supports avx2+fma+f16c (checked above); lengths are consistent.
+    if level >= SimdLevel::Avx2 {
+        // SAFETY: the CPU supports avx2+fma+f16c (clamp_level); lengths are consistent.
         unsafe {
             return match ty {
                 GgmlType::F32 => float::avx2::dot_f32(row, x),
@@ -101,7 +116,6 @@ pub fn dot_f32_with(ty: GgmlType, row: &[u8], x: &[f32], simd: bool) -> f32 {
             };
         }
     }
-    let _ = simd;
     match ty {
         GgmlType::F32 => float::dot_f32_scalar(row, x),
         GgmlType::F16 => float::dot_f16_scalar(row, x),

@@ -83,27 +83,51 @@ pub(crate) mod avx2 {
     use crate::quant::simd::avx2::*;
     use std::arch::x86_64::*;
 
+    /// Σ q·x of block `i` against f32 activations, as two f32 vectors.
+    #[inline(always)]
+    unsafe fn block_f32(r: *const u8, xp: *const f32, i: usize) -> (__m256, __m256) {
+        let q = _mm256_loadu_si256(r.add(i * BLOCK_BYTES + 2) as *const __m256i);
+        let xb = xp.add(i * QK);
+        let q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+        let q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(_mm256_castsi256_si128(q), 8)));
+        let hi = _mm256_extracti128_si256(q, 1);
+        let q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+        let q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+        let p01 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb.add(8)), _mm256_mul_ps(q0, _mm256_loadu_ps(xb)));
+        let p23 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb.add(24)), _mm256_mul_ps(q2, _mm256_loadu_ps(xb.add(16))));
+        (p01, p23)
+    }
+
+    /// f32 path; weight scales converted 8 blocks at a time (see [`dot_q8`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
         let nb = x.len() / QK;
         let (r, xp) = (row.as_ptr(), x.as_ptr());
         let mut acc0 = _mm256_setzero_ps();
         let mut acc1 = _mm256_setzero_ps();
-        for i in 0..nb {
+        let mut sc = [0f32; 8];
+        let mut i = 0;
+        while i + 8 <= nb {
+            let b0 = r.add(i * BLOCK_BYTES);
+            for l in 0..5 {
+                _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH + 64 * l) as *const i8);
+            }
+            _mm256_storeu_ps(sc.as_mut_ptr(), weight_scales8(r, i));
+            for k in 0..8 {
+                let d = _mm256_broadcast_ss(&*sc.as_ptr().add(k));
+                let (p01, p23) = block_f32(r, xp, i + k);
+                acc0 = _mm256_fmadd_ps(d, p01, acc0);
+                acc1 = _mm256_fmadd_ps(d, p23, acc1);
+            }
+            i += 8;
+        }
+        while i < nb {
             let b = r.add(i * BLOCK_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH) as *const i8);
             let d = _mm256_set1_ps(f16_1(u16::from_le_bytes([*b, *b.add(1)])));
-            let q = _mm256_loadu_si256(b.add(2) as *const __m256i);
-            let xb = xp.add(i * QK);
-            let q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-            let q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(_mm256_castsi256_si128(q), 8)));
-            let hi = _mm256_extracti128_si256(q, 1);
-            let q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-            let q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-            let p01 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb.add(8)), _mm256_mul_ps(q0, _mm256_loadu_ps(xb)));
-            let p23 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb.add(24)), _mm256_mul_ps(q2, _mm256_loadu_ps(xb.add(16))));
+            let (p01, p23) = block_f32(r, xp, i);
             acc0 = _mm256_fmadd_ps(d, p01, acc0);
             acc1 = _mm256_fmadd_ps(d, p23, acc1);
+            i += 1;
         }
         hsum_ps(_mm256_add_ps(acc0, acc1))
     }
@@ -119,25 +143,55 @@ pub(crate) mod avx2 {
         (_mm256_set1_ps(dw * *xd.get_unchecked(i)), _mm256_cvtepi32_ps(dot_i8x32(w, a)))
     }
 
+    /// The eight f16 weight scales of blocks `i..i+8` (stride 34 bytes) as
+    /// f32, with one gather and one conversion.
+    #[inline(always)]
+    unsafe fn weight_scales8(r: *const u8, i: usize) -> __m256 {
+        let offs = _mm256_setr_epi32(0, 34, 68, 102, 136, 170, 204, 238);
+        let g = _mm256_i32gather_epi32::<1>(r.add(i * BLOCK_BYTES) as *const i32, offs);
+        let g = _mm256_and_si256(g, _mm256_set1_epi32(0xFFFF));
+        _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(g), _mm256_extracti128_si256(g, 1)))
+    }
+
+    /// Combined scales `d_w·d_x` of the 8 blocks from `i`.
+    #[inline(always)]
+    unsafe fn scales8(r: *const u8, xd: *const f32, i: usize) -> __m256 {
+        _mm256_mul_ps(weight_scales8(r, i), _mm256_loadu_ps(xd.add(i)))
+    }
+
+    /// Eight blocks per iteration: scales computed 8 at a time (one gather,
+    /// one conversion) and broadcast from a stack copy; per block only the
+    /// integer dot, one conversion and one FMA remain.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q8(row: &[u8], xd: &[f32], xq: &[i8]) -> f32 {
         let nb = xd.len();
         let (r, qp) = (row.as_ptr(), xq.as_ptr());
-        // Two blocks per iteration into two accumulators (shorter dependency chains).
         let mut acc0 = _mm256_setzero_ps();
         let mut acc1 = _mm256_setzero_ps();
+        let mut sc = [0f32; 8];
         let mut i = 0;
-        while i + 2 <= nb {
-            _mm_prefetch::<_MM_HINT_T0>(r.add(i * BLOCK_BYTES).wrapping_add(PREFETCH) as *const i8);
-            let (d0, p0) = block(r, qp, xd, i);
-            let (d1, p1) = block(r, qp, xd, i + 1);
-            acc0 = _mm256_fmadd_ps(d0, p0, acc0);
-            acc1 = _mm256_fmadd_ps(d1, p1, acc1);
-            i += 2;
+        while i + 8 <= nb {
+            let b0 = r.add(i * BLOCK_BYTES);
+            for l in 0..5 {
+                _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH + 64 * l) as *const i8);
+            }
+            _mm256_storeu_ps(sc.as_mut_ptr(), scales8(r, xd.as_ptr(), i));
+            for k in (0..8).step_by(2) {
+                let w0 = _mm256_loadu_si256(b0.add(k * BLOCK_BYTES + 2) as *const __m256i);
+                let w1 = _mm256_loadu_si256(b0.add((k + 1) * BLOCK_BYTES + 2) as *const __m256i);
+                let a0 = _mm256_loadu_si256(qp.add((i + k) * QK) as *const __m256i);
+                let a1 = _mm256_loadu_si256(qp.add((i + k + 1) * QK) as *const __m256i);
+                let p0 = _mm256_cvtepi32_ps(dot_i8x32(w0, a0));
+                let p1 = _mm256_cvtepi32_ps(dot_i8x32(w1, a1));
+                acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&*sc.as_ptr().add(k)), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&*sc.as_ptr().add(k + 1)), p1, acc1);
+            }
+            i += 8;
         }
-        if i < nb {
+        while i < nb {
             let (d0, p0) = block(r, qp, xd, i);
             acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+            i += 1;
         }
         hsum_ps(_mm256_add_ps(acc0, acc1))
     }

@@ -1,8 +1,10 @@
 //! Runtime SIMD selection and shared AVX2 helpers.
 //!
 //! Kernels exist in two flavours: portable scalar code (the reference) and
-//! AVX2+FMA+F16C code selected at run time. Setting the environment variable
-//! `DSV4_NO_SIMD=1` forces the scalar code (read once, at first use).
+//! AVX2+FMA+F16C code selected at run time, plus AVX-512 code for the formats
+//! where it pays (IQ2_XXS). Setting the environment variable `DSV4_NO_SIMD=1`
+//! forces the scalar code, `DSV4_NO_AVX512=1` the AVX2 code (read once, at
+//! first use).
 
 use std::sync::OnceLock;
 
@@ -13,6 +15,92 @@ pub fn simd_enabled() -> bool {
         let disabled = std::env::var("DSV4_NO_SIMD").is_ok_and(|v| !v.is_empty() && v != "0");
         !disabled && simd_available()
     })
+}
+
+/// Instruction-set level of a kernel. `Avx512` means AVX-512 F/BW/VBMI/VNNI/BITALG
+/// (Ice Lake / Zen 4 and later) on top of AVX2+FMA+F16C; formats without an
+/// AVX-512 kernel fall back to their AVX2 kernel at that level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SimdLevel {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+/// Every level this CPU can run, lowest first (for tests and benchmarks).
+pub fn levels_available() -> Vec<SimdLevel> {
+    let mut v = vec![SimdLevel::Scalar];
+    if simd_available() {
+        v.push(SimdLevel::Avx2);
+    }
+    if avx512_available() {
+        v.push(SimdLevel::Avx512);
+    }
+    v
+}
+
+/// Highest level the CPU supports, minus AVX-512 when `DSV4_NO_AVX512` is set
+/// (`DSV4_NO_SIMD` is not consulted: this is the level `simd = true` means).
+pub fn best_level() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let no512 = std::env::var("DSV4_NO_AVX512").is_ok_and(|v| !v.is_empty() && v != "0");
+        if avx512_available() && !no512 {
+            SimdLevel::Avx512
+        } else if simd_available() {
+            SimdLevel::Avx2
+        } else {
+            SimdLevel::Scalar
+        }
+    })
+}
+
+/// The level the kernels use: [`best_level`], or scalar under `DSV4_NO_SIMD`.
+pub fn simd_level() -> SimdLevel {
+    if simd_enabled() {
+        best_level()
+    } else {
+        SimdLevel::Scalar
+    }
+}
+
+/// `simd = true` → [`best_level`]; `false` → scalar.
+pub fn level_of(simd: bool) -> SimdLevel {
+    if simd {
+        best_level()
+    } else {
+        SimdLevel::Scalar
+    }
+}
+
+/// `level`, lowered to what the CPU supports.
+pub fn clamp_level(level: SimdLevel) -> SimdLevel {
+    match level {
+        SimdLevel::Avx512 if avx512_available() => SimdLevel::Avx512,
+        SimdLevel::Avx512 | SimdLevel::Avx2 if simd_available() => SimdLevel::Avx2,
+        _ => SimdLevel::Scalar,
+    }
+}
+
+/// Whether the CPU supports the AVX-512 kernels (F, BW, VBMI, VNNI, BITALG and the AVX2 set);
+/// always false when the crate was built by a compiler older than Rust 1.89.
+pub fn avx512_available() -> bool {
+    #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
+    {
+        static AVAIL: OnceLock<bool> = OnceLock::new();
+        *AVAIL.get_or_init(|| {
+            simd_available()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vbmi")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512bitalg")
+        })
+    }
+    #[cfg(not(all(target_arch = "x86_64", dsv4_avx512)))]
+    {
+        false
+    }
 }
 
 /// Whether the CPU supports the AVX2 kernels (ignores `DSV4_NO_SIMD`).
@@ -75,16 +163,6 @@ pub(crate) mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
-    }
-
-    /// Horizontal sum of 8 i32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn hsum_epi32(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
     }
 
     /// Σ a_i·b_i over 32 signed bytes each, as 8 i32 lanes (ggml's sign trick:
