@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU test suite in two halves, because the GPU machine has no Rust toolchain:
 #   tools/gpu-test.sh build   (here)   builds the CUDA test binaries and the
-#                                      release dsv4 binary into .gpu/ with a
-#                                      copy of the fixtures;
+#                                      synthetic benchmark (plus the dsv4 binary
+#                                      with DSV4_GPU_WITH_CLI=1) into .gpu/ with
+#                                      a copy of the fixtures;
 #   tools/gpu-test.sh run     (there)  runs every test binary against the GPU.
 # With the device tool: run `tools/gpu-test.sh build`, then on the GPU machine
 # `bash tools/gpu-test.sh run` with `.gpu` carried.
@@ -18,7 +19,12 @@ for l in sys.stdin:
     except Exception: continue
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"].get("test"): print(m["executable"])' \
         | while read -r exe; do cp "$exe" .gpu/bin/; done
-    cargo build --release -p dsv4 2>/dev/null && cp "${CARGO_TARGET_DIR:-target}/release/dsv4" .gpu/bin/dsv4 || echo "note: dsv4 binary not built"
+    # the dsv4 binary embeds the 13 MB demo model; add it only when asked
+    # (the device tool sends at most 64 MiB of working tree)
+    if [ "${DSV4_GPU_WITH_CLI:-0}" = 1 ]; then
+        cargo build --release -p dsv4 2>/dev/null && cp "${CARGO_TARGET_DIR:-target}/release/dsv4" .gpu/bin/dsv4
+    fi
+    cargo build --release -p dsv4-cuda --examples 2>/dev/null && cp "${CARGO_TARGET_DIR:-target}/release/examples/synthetic_bench" .gpu/bin/ || true
     strip .gpu/bin/* 2>/dev/null || true
     cp -r ../shared/fixtures .gpu/shared/fixtures
     rm -rf .gpu/shared/fixtures/tiny-hf

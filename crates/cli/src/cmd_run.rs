@@ -556,6 +556,12 @@ pub fn chat(a: ChatArgs) -> Result<()> {
                     resize(&mut l, n)?;
                 }
                 "save" if !arg.is_empty() => {
+                    // the last sampled token of the answer is not evaluated yet:
+                    // evaluate it so the saved transcript is the whole conversation
+                    if !pending.is_empty() {
+                        l.session.extend(&pending, &mut |_, _| {})?;
+                        pending.clear();
+                    }
                     let mut f = std::io::BufWriter::new(std::fs::File::create(arg).with_context(|| format!("creating {arg}"))?);
                     l.session.save(&mut f)?;
                     f.flush()?;
@@ -566,7 +572,9 @@ pub fn chat(a: ChatArgs) -> Result<()> {
                     match l.session.load(&mut f) {
                         Ok(()) => {
                             pending.clear();
-                            ended_open = true;
+                            // an answer that ended with EOS is closed; one cut short is not
+                            let eos = l.tok.eos_id();
+                            ended_open = l.session.pos() > 0 && l.session.tokens().last() != Some(&eos);
                             eprintln!("loaded {} tokens from {arg}", l.session.pos());
                         }
                         Err(e) => eprintln!("error: {e}"),
