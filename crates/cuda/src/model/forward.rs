@@ -1,0 +1,349 @@
+//! The forward pass on the GPU: matvec dispatch, hyper-connections, attention
+//! (with the compressors and the indexer on parallel graph branches), MoE, the
+//! head, and the CUDA-graph decode step. Mirrors `dsv4_engine::model` step for step.
+
+use super::*;
+
+impl GpuModel {
+    /// y[t][r] = W x[t] for n tokens (x row stride xs, y row stride ys, in floats).
+    pub fn mv(&self, w: MatRef, x: u64, xs: usize, y: u64, ys: usize, n: usize) -> Result<()> {
+        let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
+        let mut done = 0;
+        while done < n {
+            let left = n - done;
+            let nt = if left >= 8 { 8 } else if left >= 4 { 4 } else if left >= 2 { 2 } else { 1 };
+            // few long rows (HC mixes, small projections): a whole block per row
+            // splits the columns, otherwise one warp per row
+            let split = w.rows < 2048;
+            let name = format!("mv{}_{suffix}_{nt}", if split { "k" } else { "" });
+            let (grid, block) = if split { ((w.rows as u32, 1, 1), (256, 1, 1)) } else { ((w.rows.div_ceil(4) as u32, 1, 1), (128, 1, 1)) };
+            let (mut stage, mut shmem) = stage_for(&w, if split { 1 } else { 4 });
+            if !split && nt == 1 && stage == 0 && x_stage_ok(w.cols, x) {
+                (stage, shmem) = (2, (w.cols * F) as u32);
+            }
+            launch!(self.gpu, &name, grid, block, shmem;
+                w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32,
+                x + (done * xs * F) as u64, xs as i32, y + (done * ys * F) as u64, ys as i32, nt.min(left) as i32,
+                0u64, 0u64, 1i32, stage)?;
+            done += nt.min(left);
+        }
+        Ok(())
+    }
+
+    /// Expert matvec over `slots` (token, expert) pairs: y[s] = W[eids[s]] x[s / x_group].
+    pub(crate) fn mv_experts(&self, w: MatRef, x: u64, xs: usize, x_group: usize, y: u64, ys: usize, slots: usize, eids: u64) -> Result<()> {
+        let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
+        let name = format!("mv_{suffix}_1");
+        let grid = (w.rows.div_ceil(4) as u32, slots as u32, 1);
+        let (mut stage, mut shmem) = stage_for(&w, 4);
+        if stage == 0 && x_stage_ok(w.cols, x) && (xs * F) % 16 == 0 {
+            (stage, shmem) = (2, (w.cols * F) as u32);
+        }
+        launch!(self.gpu, &name, grid, (128, 1, 1), shmem;
+            w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32,
+            x, xs as i32, y, ys as i32, 1i32, eids, w.expert_bytes(), x_group as i32, stage)
+    }
+
+    fn rmsnorm_rows(&self, x: u64, w: u64, d: usize, rows: usize) -> Result<()> {
+        launch!(self.gpu, "rmsnorm_rows", (rows as u32, 1, 1), (512, 1, 1), 0; x, w, d as i32, self.cfg.rms_eps)
+    }
+
+    /// HcPre for n tokens: a = RMSNorm(collapse(x)), hw = post/comb.
+    fn hc_pre(&self, hc: &GHc, norm: u64, x: u64, n: usize) -> Result<()> {
+        let c = self.cfg.clone();
+        let md = c.hc * c.dim;
+        let nmix = (2 + c.hc) * c.hc;
+        let (mixes, a, hw) = (self.s.mixes.ptr, self.s.a.ptr, self.s.hw.ptr);
+        self.mv(hc.fn_.r(), x, md, mixes, nmix, n)?;
+        launch!(self.gpu, "hc_pre", (n as u32, 1, 1), (1024, 1, 1), 0;
+            x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.sinkhorn_iters as i32, c.hc_eps, c.rms_eps, a, hw)
+    }
+
+    fn hc_post(&self, x: u64, f: u64, n: usize) -> Result<()> {
+        let c = &self.cfg;
+        launch!(self.gpu, "hc_post", (n as u32, 1, 1), (1024, 1, 1), 0; x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32)
+    }
+
+    /// Logits of one token's HC state at x (main head or the MTP's).
+    fn head(&self, hc: &GHc, norm: u64, x: u64) -> Result<Vec<f32>> {
+        self.enqueue_head(hc, norm, x)?;
+        self.gpu.read_f32(self.s.logits.ptr, self.cfg.vocab)
+    }
+
+    /// Queue the head computation; logits land in the scratch `logits` buffer.
+    pub(crate) fn enqueue_head(&self, hc: &GHc, norm: u64, x: u64) -> Result<()> {
+        let c = self.cfg.clone();
+        let md = c.hc * c.dim;
+        let (mixes, hy, logits) = (self.s.mixes.ptr, self.s.head_y.ptr, self.s.logits.ptr);
+        self.mv(hc.fn_.r(), x, md, mixes, c.hc, 1)?;
+        launch!(self.gpu, "hc_head", (1, 1, 1), (1024, 1, 1), 0;
+            x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.hc_eps, c.rms_eps, hy)?;
+        self.mv(self.output.r(), hy, c.dim, logits, c.vocab, 1)
+    }
+
+    /// Main model: consume `tokens` at `st.pos`.
+    pub fn eval(&self, st: &mut GState, tokens: &[u32], want: Want) -> Result<EvalOutput> {
+        let c = self.cfg.clone();
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(dsv4_engine::EngineError::Input(format!("token id {t} out of range (vocab {})", c.vocab)).into());
+        }
+        if st.pos + tokens.len() > self.ctx {
+            return Err(dsv4_engine::EngineError::ContextFull { pos: st.pos + tokens.len(), ctx: self.ctx }.into());
+        }
+        let mut out = EvalOutput::default();
+        let md = c.hc * c.dim;
+        let mut done = 0;
+        while done < tokens.len() {
+            let n = self.s.n.min(tokens.len() - done);
+            let toks: Vec<i32> = tokens[done..done + n].iter().map(|&t| t as i32).collect();
+            self.gpu.write_i32(&self.s.tok, 0, &toks)?;
+            let ety = match self.embed.ty {
+                GgmlType::F32 => 0i32,
+                GgmlType::F16 => 1,
+                _ => 2,
+            };
+            launch!(self.gpu, "embed_rows", (n as u32, 1, 1), (256, 1, 1), 0;
+                self.embed.buf.ptr, ety, self.s.tok.ptr, c.dim as i32, c.hc as i32, self.s.x.ptr)?;
+            if n == 1 && self.use_graphs {
+                // decode step: replay (or capture) the whole step as one CUDA graph
+                self.decode_step_graph(st)?;
+            } else {
+                self.enqueue_blocks(st, n)?;
+            }
+            st.pos += n;
+            if want.hidden {
+                out.hidden.extend(self.gpu.read_f32(self.s.x.ptr, n * md)?);
+            }
+            let norm = self.output_norm.ptr;
+            if want.all_logits {
+                for t in 0..n {
+                    out.logits.extend(self.head(&self.hc_head, norm, self.s.x.f32_at(t * md))?);
+                }
+            } else if done + n == tokens.len() {
+                out.logits = self.head(&self.hc_head, norm, self.s.x.f32_at((n - 1) * md))?;
+            }
+            done += n;
+        }
+        Ok(out)
+    }
+
+    fn enqueue_blocks(&self, st: &mut GState, n: usize) -> Result<()> {
+        let pp = st.pos_dev.ptr;
+        for (l, b) in self.blocks.iter().enumerate() {
+            self.block_forward(b, &mut st.layers[l], n, st.pos, pp, self.s.x.ptr)?;
+        }
+        launch!(self.gpu, "advance_pos", (1, 1, 1), (32, 1, 1), 0; pp, n as i32)
+    }
+
+    /// One token through all layers as a CUDA graph, captured on first use for
+    /// this state (its buffers are fixed for its lifetime) and replayed after.
+    fn decode_step_graph(&self, st: &mut GState) -> Result<()> {
+        if st.graph.is_none() {
+            self.gpu.begin_capture()?;
+            let r = self.enqueue_blocks(st, 1);
+            let g = self.gpu.end_capture();
+            r?;
+            st.graph = Some(g?);
+        }
+        match &st.graph {
+            Some(g) => self.gpu.launch_graph(g),
+            None => Err(CudaError::Driver("decode graph missing".into())),
+        }
+    }
+
+    /// MTP block on hidden state `h` (`[hc][dim]`) and `token` at `mst.pos`.
+    pub fn mtp_eval(&self, mst: &mut GState, h: &[f32], token: u32) -> Result<Vec<f32>> {
+        let c = self.cfg.clone();
+        let mtp = self.mtp.as_ref().ok_or_else(|| CudaError::Engine(dsv4_engine::EngineError::Input("model has no MTP block".into())))?;
+        {
+            if token as usize >= c.vocab || h.len() != c.hc * c.dim {
+                return Err(dsv4_engine::EngineError::Input("bad MTP input".into()).into());
+            }
+            let (d, m) = (c.dim, c.hc);
+            self.gpu.write_i32(&self.s.tok, 0, &[token as i32])?;
+            let ety = match self.embed.ty {
+                GgmlType::F32 => 0i32,
+                GgmlType::F16 => 1,
+                _ => 2,
+            };
+            // e = RMSNorm(embed[t], enorm); ph[j] = h_proj RMSNorm(h[j], hnorm)
+            launch!(self.gpu, "embed_rows", (1, 1, 1), (256, 1, 1), 0; self.embed.buf.ptr, ety, self.s.tok.ptr, d as i32, 1i32, self.s.mtp_e.ptr)?;
+            self.rmsnorm_rows(self.s.mtp_e.ptr, mtp.enorm.ptr, d, 1)?;
+            self.gpu.write_f32(&self.s.mtp_h, 0, h)?;
+            self.rmsnorm_rows(self.s.mtp_h.ptr, mtp.hnorm.ptr, d, m)?;
+            let (e, pe, hh, ph, x) = (self.s.mtp_e.ptr, self.s.mtp_pe.ptr, self.s.mtp_h.ptr, self.s.mtp_ph.ptr, self.s.x.ptr);
+            self.mv(mtp.e_proj.r(), e, d, pe, d, 1)?;
+            self.mv(mtp.h_proj.r(), hh, d, ph, d, m)?;
+            launch!(self.gpu, "mtp_combine", (((m * d) as u32).div_ceil(256), 1, 1), (256, 1, 1), 0; pe, ph, d as i32, m as i32, x)?;
+            let pp = mst.pos_dev.ptr;
+            self.block_forward(&mtp.block, &mut mst.layers[0], 1, mst.pos, pp, x)?;
+            launch!(self.gpu, "advance_pos", (1, 1, 1), (32, 1, 1), 0; pp, 1i32)?;
+            mst.pos += 1;
+            self.head(&mtp.hc_head, mtp.norm.ptr, x)
+        }
+    }
+
+    fn block_forward(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64, x: u64) -> Result<()> {
+        let d = self.cfg.dim;
+        self.hc_pre(&b.hc_attn, b.attn_norm.ptr, x, n)?;
+        self.attention(b, st, n, p0, pp)?;
+        let f = self.s.f.ptr;
+        self.hc_post(x, f, n)?;
+        self.hc_pre(&b.hc_ffn, b.ffn_norm.ptr, x, n)?;
+        self.moe(b, n)?;
+        let y = self.s.y.ptr;
+        let _ = d;
+        self.hc_post(x, y, n)
+    }
+
+    fn compress(&self, cp: &GComp, kvs: u64, scs: u64, rows: u64, n: usize, pp: u64, is_indexer: bool, omega: u64) -> Result<()> {
+        let w = cp.coff * cp.d;
+        // the two compressors run concurrently (side streams): separate scratch
+        let (ckv, csc, pooled) = if is_indexer { (self.s.ickv.ptr, self.s.icsc.ptr, self.s.ipooled.ptr) } else { (self.s.ckv.ptr, self.s.csc.ptr, self.s.pooled.ptr) };
+        let a = self.s.a.ptr;
+        self.mv(cp.wkv.r(), a, self.cfg.dim, ckv, w, n)?;
+        self.mv(cp.wgate.r(), a, self.cfg.dim, csc, w, n)?;
+        let r = cp.ratio;
+        // upper bound of rows a chunk of n tokens can finish, whatever its position
+        let max_emit = n / r + 1;
+        launch!(self.gpu, "comp_update", ((cp.d as u32).div_ceil(128), 1, 1), (128, 1, 1), 0;
+            ckv, csc, cp.ape.ptr, kvs, scs, n as i32, pp, r as i32, cp.coff as i32, cp.d as i32, pooled)?;
+        launch!(self.gpu, "comp_finish", (max_emit as u32, 1, 1), (128, 1, 1), 0;
+            pooled, rows, pp, n as i32, cp.d as i32, self.cfg.rope_dim as i32, omega, cp.norm.ptr, self.cfg.rms_eps, r as i32, is_indexer as i32)
+    }
+
+    fn attention(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64) -> Result<()> {
+        let c = self.cfg.clone();
+        let (h, hd, rd) = (c.n_heads, c.head_dim, c.rope_dim);
+        let omega = self.omega(b.layer);
+        let s = &self.s;
+        let (a, qr, q, kv, o, u, f) = (s.a.ptr, s.qr.ptr, s.q.ptr, s.kv.ptr, s.o.ptr, s.u.ptr, s.f.ptr);
+        let ratio = c.compress_ratios[b.layer];
+        if ratio != 0 {
+            // visible compressed rows per token (read by the indexer and attention)
+            launch!(self.gpu, "set_vis", ((n as u32).div_ceil(128), 1, 1), (128, 1, 1), 0; pp, n as i32, ratio as i32, self.s.vis.ptr)?;
+        }
+        // Independent branches, parallel in the captured graph: the kv row and
+        // the two compressors (they only need `a`) beside the q path.
+        let (_, j_kv) = self.gpu.on_side(1, || -> Result<()> {
+            self.mv(b.kv.r(), a, c.dim, kv, hd, n)?;
+            launch!(self.gpu, "row_finish", (n as u32, 1, 1), (128, 1, 1), 0;
+                kv, hd as i32, 1i32, rd as i32, omega, pp, b.kv_norm.ptr, c.rms_eps, 1i32, self.ablate_kv_fp8 as i32)
+        })?;
+        let (_, j_comp) = self.gpu.on_side(2, || -> Result<()> {
+            if let (Some(cp), Some(kvs), Some(scs), Some(rows)) = (&b.comp, &st.comp_kv, &st.comp_sc, &st.rows) {
+                self.compress(cp, kvs.ptr, scs.ptr, rows.ptr, n, pp, false, omega)?;
+            }
+            Ok(())
+        })?;
+        let (_, j_icomp) = self.gpu.on_side(3, || -> Result<()> {
+            if let (Some(ix), Some(kvs), Some(scs), Some(irows)) = (&b.idx, &st.idx_kv, &st.idx_sc, &st.idx_rows) {
+                self.compress(&ix.comp, kvs.ptr, scs.ptr, irows.ptr, n, pp, true, omega)?;
+            }
+            Ok(())
+        })?;
+        self.mv(b.q_a.r(), a, c.dim, qr, c.q_lora_rank, n)?;
+        self.rmsnorm_rows(qr, b.q_norm.ptr, c.q_lora_rank, n)?;
+        self.mv(b.q_b.r(), qr, c.q_lora_rank, q, h * hd, n)?;
+        launch!(self.gpu, "row_finish", ((n * h) as u32, 1, 1), (128, 1, 1), 0;
+            q, hd as i32, h as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 0i32, 0i32)?;
+        let mut use_sel = false;
+        if let (Some(ix), Some(irows)) = (&b.idx, &st.idx_rows) {
+            let (ih, id) = (c.index_heads, c.index_head_dim);
+            let (iq, iw, vis, scores, sel, cnt) = (self.s.iq.ptr, self.s.iw.ptr, self.s.vis.ptr, self.s.scores.ptr, self.s.sel.ptr, self.s.cnt.ptr);
+            self.mv(ix.q_b.r(), qr, c.q_lora_rank, iq, ih * id, n)?;
+            launch!(self.gpu, "row_finish", ((n * ih) as u32, 1, 1), (128, 1, 1), 0;
+                iq, id as i32, ih as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 2i32, 0i32)?;
+            self.mv(ix.proj.r(), a, c.dim, iw, ih, n)?;
+            let wscale = (id as f32).powf(-0.5) * (ih as f32).powf(-0.5);
+            let ld = self.ctx / ratio + 1;
+            self.gpu.join(j_icomp)?;
+            // fixed grid (grid-stride inside) so the launch is position independent
+            let blocks_x = (ld.div_ceil(8) as u32).min(264);
+            launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), ((ih * (id + 1) + 8 * id) * F) as u32;
+                iq, iw, irows.ptr, vis, ih as i32, id as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
+            launch!(self.gpu, "topk_select", (n as u32, 1, 1), (1024, 1, 1), 0;
+                scores, ld as i32, vis, c.index_topk as i32, sel, cnt)?;
+            use_sel = true;
+        } else {
+            self.gpu.join(j_icomp)?;
+        }
+        self.gpu.join(j_kv)?;
+        self.gpu.join(j_comp)?;
+        // attention over window + compressed rows
+        // key-count bound from the capacity, not the position (graph replay)
+        let _ = p0;
+        let max_keys = c.window + if ratio == 0 { 0 } else if use_sel { c.index_topk } else { self.ctx / ratio + 1 };
+        let rows_ptr = st.rows.as_ref().map(|r| r.ptr).unwrap_or(0);
+        let (sel_ptr, sel_ld) = if use_sel { (self.s.sel.ptr, c.index_topk) } else { (0u64, 0) };
+        let scale = (hd as f32).powf(-0.5);
+        // single-token steps split the keys over several blocks (flash-decoding)
+        let nsplit = if n == 1 { max_keys.div_ceil(64).clamp(1, MAX_SPLIT) } else { 1 };
+        let per = max_keys.div_ceil(nsplit);
+        const HB: usize = 4;
+        let part = self.s.part.ptr;
+        launch!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), (HB * per * F) as u32;
+            q, kv, st.ring.ptr, rows_ptr, sel_ptr, self.s.cnt.ptr, self.s.vis.ptr, sel_ld as i32, b.sinks.ptr,
+            h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o, part, per as i32)?;
+        if nsplit > 1 {
+            launch!(self.gpu, "attn_combine", (1, h as u32, 1), (128, 1, 1), 0;
+                part, nsplit as i32, b.sinks.ptr, h as i32, hd as i32, rd as i32, omega, pp, o)?;
+        }
+        let stored = n.min(c.window);
+        launch!(self.gpu, "ring_store", (stored as u32, 1, 1), (128, 1, 1), 0; kv, st.ring.ptr, n as i32, pp, c.window as i32, hd as i32)?;
+        // grouped low-rank output projection
+        let (g, ro) = (c.o_groups, c.o_lora_rank);
+        let gw = h * hd / g;
+        if n == 1 {
+            // all groups in one launch: group gi is "expert" gi of a stack of
+            // ro-row matrices, input slice gi*gw, output slice gi*ro
+            self.mv_experts(b.o_a.r().rows(0, ro), o, gw, 1, u, ro, g, self.s.iota.ptr)?;
+        } else {
+            for gi in 0..g {
+                self.mv(b.o_a.r().rows(gi * ro, ro), o + (gi * gw * F) as u64, h * hd, u + (gi * ro * F) as u64, g * ro, n)?;
+            }
+        }
+        self.mv(b.o_b.r(), u, g * ro, f, c.dim, n)
+    }
+
+    fn moe(&self, b: &GBlock, n: usize) -> Result<()> {
+        let c = self.cfg.clone();
+        let (d, k, ne, ff) = (c.dim, c.n_experts_used, c.n_experts, c.expert_ff);
+        let s = &self.s;
+        let (a, rlog, eids, ew, g, up, hbuf, yk, y) = (s.a.ptr, s.rlog.ptr, s.eids.ptr, s.ew.ptr, s.g.ptr, s.up.ptr, s.h.ptr, s.yk.ptr, s.y.ptr);
+        let limit = c.swiglu_limits[b.layer];
+        // the shared expert runs beside the routed ones (parallel graph branch)
+        let j_shared = match &b.shared {
+            Some((w1, w3, w2)) => {
+                let (_, j) = self.gpu.on_side(1, || -> Result<()> {
+                    let (sg, su, sh, ys) = (self.s.sg.ptr, self.s.su.ptr, self.s.sh.ptr, self.s.ysh.ptr);
+                    self.mv(w1.r(), a, d, sg, ff, n)?;
+                    self.mv(w3.r(), a, d, su, ff, n)?;
+                    launch!(self.gpu, "swiglu", (((n * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
+                        sg, su, 0u64, ff as i32, n as i32, limit, sh)?;
+                    self.mv(w2.r(), sh, ff, ys, d, n)
+                })?;
+                Some(j)
+            }
+            None => None,
+        };
+        self.mv(b.gate.r(), a, d, rlog, ne, n)?;
+        let bias = b.bias.as_ref().map(|x| x.ptr).unwrap_or(0);
+        let tid = b.tid2eid.as_ref().map(|x| x.ptr).unwrap_or(0);
+        launch!(self.gpu, "router", (n as u32, 1, 1), (256, 1, 1), 0;
+            rlog, ne as i32, k as i32, bias, tid, self.s.tok.ptr, c.weights_norm as i32, c.route_scale, eids, ew)?;
+        let slots = n * k;
+        self.mv_experts(b.gate_exps.r(), a, d, k, g, ff, slots, eids)?;
+        self.mv_experts(b.up_exps.r(), a, d, k, up, ff, slots, eids)?;
+        launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
+            g, up, ew, ff as i32, slots as i32, limit, hbuf)?;
+        self.mv_experts(b.down_exps.r(), hbuf, ff, 1, yk, d, slots, eids)?;
+        let mut ysh = 0u64;
+        if let Some(j) = j_shared {
+            self.gpu.join(j)?;
+            ysh = self.s.ysh.ptr;
+        }
+        launch!(self.gpu, "moe_reduce", (((n * d) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
+            yk, ysh, k as i32, d as i32, n as i32, y)
+    }
+}
