@@ -484,7 +484,7 @@ fn index_scores_swiglu_reduce_head_embed_match_cpu() {
     let uu: Vec<f32> = (0..rows * ff).map(|_| rng.gen_range(-15.0f32..15.0)).collect();
     let ws: Vec<f32> = (0..rows).map(|_| rng.gen_range(0.0f32..1.0)).collect();
     let h = up(&vec![f32::NAN; rows * ff]);
-    launch!(g, "swiglu", (4, 1, 1), (64, 1, 1), 0; up(&gg).ptr, up(&uu).ptr, up(&ws).ptr, ff as i32, rows as i32, 10.0f32, h.ptr).unwrap();
+    launch!(g, "swiglu", (4, 1, 1), (64, 1, 1), 0; up(&gg).ptr, up(&uu).ptr, up(&ws).ptr, ff as i32, rows as i32, 10.0f32, h.ptr, 0u64).unwrap();
     let gh = g.read_f32(h.ptr, rows * ff).unwrap();
     let mut wh = vec![0.0f32; rows * ff];
     for r in 0..rows {
@@ -494,7 +494,7 @@ fn index_scores_swiglu_reduce_head_embed_match_cpu() {
     let ntok = rows / kk;
     let ysh: Vec<f32> = (0..ntok * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
     let y = up(&vec![f32::NAN; ntok * d]);
-    launch!(g, "moe_reduce", (2, 1, 1), (64, 1, 1), 0; h.ptr, up(&ysh).ptr, kk as i32, d as i32, ntok as i32, y.ptr).unwrap();
+    launch!(g, "moe_reduce", (2, 1, 1), (64, 1, 1), 0; h.ptr, up(&ysh).ptr, kk as i32, d as i32, ntok as i32, y.ptr, 0u64).unwrap();
     let gy = g.read_f32(y.ptr, ntok * d).unwrap();
     for t in 0..ntok {
         for c in 0..d {
@@ -529,6 +529,54 @@ fn index_scores_swiglu_reduce_head_embed_match_cpu() {
         for j in 0..m {
             for c in 0..dd {
                 assert_eq!(ge[(t * m + j) * dd + c], table[tok as usize * dd + c].to_f32(), "embed");
+            }
+        }
+    }
+}
+
+/// Prefill's expert grouping: slots sorted by expert into tiles of ≤ 8 rows,
+/// inputs gathered, one grouped matvec per tile; every slot's output equals
+/// the direct per-slot product.
+#[test]
+fn grouped_expert_matvec_matches_per_slot() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    for ty in [GgmlType::IQ2_XXS, GgmlType::Q2_K, GgmlType::Q4_K, GgmlType::Q8_0] {
+        let (rows, cols, ne, k, n) = (9usize, 512usize, 5usize, 3usize, 11usize);
+        let slots = n * k;
+        let rb = ty.row_bytes(cols).unwrap();
+        let w = random_rows(&mut rng, ty, rows * ne, cols);
+        let a: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let eids: Vec<i32> = (0..slots).map(|_| rng.gen_range(0..ne as i32)).collect();
+        let max_tiles = slots.div_ceil(8) + ne;
+        let (dw, da, de) = (g.upload(&w).unwrap(), g.upload(&a).unwrap(), g.upload(&eids).unwrap());
+        let order = g.upload(&vec![-1i32; slots]).unwrap();
+        let pos = g.upload(&vec![-1i32; slots]).unwrap();
+        let tiles = g.upload(&vec![-1i32; 4 * max_tiles]).unwrap();
+        let ag = g.upload(&vec![f32::NAN; slots * cols]).unwrap();
+        let y = g.upload(&vec![f32::NAN; slots * rows]).unwrap();
+        launch!(g, "moe_group", (1, 1, 1), (1024, 1, 1), 0; de.ptr, slots as i32, ne as i32, 8i32, max_tiles as i32, order.ptr, pos.ptr, tiles.ptr).unwrap();
+        launch!(g, "gather_rows", (8, 1, 1), (256, 1, 1), 0; da.ptr, order.ptr, k as i32, cols as i32, slots as i32, ag.ptr).unwrap();
+        launch!(g, &format!("mvg_{}", suffix(ty)), (rows.div_ceil(4) as u32, max_tiles as u32, 1), (128, 1, 1), 0;
+            dw.ptr, rb as u64, rows as i32, cols as i32, ag.ptr, cols as i32, y.ptr, rows as i32, (rows * rb) as u64, tiles.ptr).unwrap();
+        let got = g.read_f32(y.ptr, slots * rows).unwrap();
+        let gpos = g.read_i32(pos.ptr, slots).unwrap();
+        let gorder = g.read_i32(order.ptr, slots).unwrap();
+        let mut seen = vec![false; slots];
+        for (j, &s) in gorder.iter().enumerate() {
+            assert_eq!(gpos[s as usize] as usize, j, "pos is the inverse of order");
+            seen[s as usize] = true;
+            if j > 0 {
+                assert!(eids[gorder[j - 1] as usize] <= eids[s as usize], "sorted by expert");
+            }
+        }
+        assert!(seen.iter().all(|&x| x), "order is a permutation");
+        for s in 0..slots {
+            let e = eids[s] as usize;
+            for r in 0..rows {
+                let want = quant::dot_f32(ty, &w[(e * rows + r) * rb..(e * rows + r + 1) * rb], &a[(s / k) * cols..(s / k + 1) * cols]);
+                let have = got[gpos[s] as usize * rows + r];
+                assert!((have - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} slot {s} row {r}: {have} vs {want}");
             }
         }
     }

@@ -174,9 +174,9 @@ __device__ __forceinline__ void row_dot(const u8* wr, int cols, const float* x, 
 
 extern __shared__ float mv_xsh[];
 
-template <int TY, int NT>
+template <int TY, int NT, bool GROUPED>
 __device__ __forceinline__ void mv_body(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, int n,
-                                        const int* eids, u64 expert_bytes, int x_group, int stage) {
+                                        const int* eids, u64 expert_bytes, int x_group, int stage, const int* tiles) {
     // stage == 2: single-token x staged once per block in shared memory (the
     // block's warps all read it; global/L1 x loads were half the load traffic)
     if (stage == 2) {
@@ -196,7 +196,16 @@ __device__ __forceinline__ void mv_body(const u8* W, u64 row_bytes, int rows, in
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
-    if (eids) {
+    if (GROUPED) {
+        // grouped mode: tile blockIdx.y = (matrix, first row, rows) of
+        // expert-sorted activations; empty tiles (len 0) exit
+        const int* tl = tiles + 4 * blockIdx.y;
+        if (tl[2] == 0) return;
+        W += (u64)tl[0] * expert_bytes;
+        x += (u64)tl[1] * xs;
+        y += (u64)tl[1] * ys;
+        n = tl[2];
+    } else if (eids) {
         int s = blockIdx.y;
         W += (u64)eids[s] * expert_bytes;
         x += (u64)(s / x_group) * xs;
@@ -280,7 +289,13 @@ __device__ __forceinline__ void mvk_body(const u8* W, u64 row_bytes, int rows, i
 #define MV_KERNEL(NAME, TY, NT)                                                                                              \
     extern "C" __global__ void NAME(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, \
                                     int n, const int* eids, u64 expert_bytes, int x_group, int stage) {                       \
-        mv_body<TY, NT>(W, row_bytes, rows, cols, x, xs, y, ys, n, eids, expert_bytes, x_group, stage);                       \
+        mv_body<TY, NT, false>(W, row_bytes, rows, cols, x, xs, y, ys, n, eids, expert_bytes, x_group, stage, 0);                       \
+    }
+// Grouped (prefill MoE): tiles of expert-sorted rows, see moe_group.
+#define MVG_KERNEL(NAME, TY)                                                                                                 \
+    extern "C" __global__ void NAME(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, \
+                                    u64 expert_bytes, const int* tiles) {                                                     \
+        mv_body<TY, 8, true>(W, row_bytes, rows, cols, x, xs, y, ys, 8, 0, expert_bytes, 1, 0, tiles);                        \
     }
 #define MVK_KERNEL(NAME, TY, NT)                                                                                              \
     extern "C" __global__ void NAME(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, \
@@ -289,7 +304,8 @@ __device__ __forceinline__ void mvk_body(const u8* W, u64 row_bytes, int rows, i
     }
 #define MV_TYPE(SUFFIX, TY)                                                                                                       \
     MV_KERNEL(mv_##SUFFIX##_1, TY, 1) MV_KERNEL(mv_##SUFFIX##_2, TY, 2) MV_KERNEL(mv_##SUFFIX##_4, TY, 4) MV_KERNEL(mv_##SUFFIX##_8, TY, 8) \
-    MVK_KERNEL(mvk_##SUFFIX##_1, TY, 1) MVK_KERNEL(mvk_##SUFFIX##_2, TY, 2) MVK_KERNEL(mvk_##SUFFIX##_4, TY, 4) MVK_KERNEL(mvk_##SUFFIX##_8, TY, 8)
+    MVK_KERNEL(mvk_##SUFFIX##_1, TY, 1) MVK_KERNEL(mvk_##SUFFIX##_2, TY, 2) MVK_KERNEL(mvk_##SUFFIX##_4, TY, 4) MVK_KERNEL(mvk_##SUFFIX##_8, TY, 8) \
+    MVG_KERNEL(mvg_##SUFFIX, TY)
 
 MV_TYPE(f32, T_F32)
 MV_TYPE(f16, T_F16)

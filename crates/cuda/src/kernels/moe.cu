@@ -58,24 +58,30 @@ extern "C" __global__ void router(const float* logits, int ne, int k, const floa
     }
 }
 
-// h[s][i] = silu(min(g, L)) * clamp(u, -L, L) * w[s]  (w null: 1)
-extern "C" __global__ void swiglu(const float* g, const float* u, const float* w, int ff, int rows, float limit, float* h) {
+// h[s][i] = silu(min(g, L)) * clamp(u, -L, L) * w[s]  (w null: 1; with widx the
+// weight of row s is w[widx[s]]: rows in expert-sorted order)
+extern "C" __global__ void swiglu(const float* g, const float* u, const float* w, int ff, int rows, float limit, float* h, const int* widx) {
     u64 total = (u64)rows * ff;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         float gv = g[i], uv = u[i];
         if (limit > 0.f) { gv = fminf(gv, limit); uv = fminf(fmaxf(uv, -limit), limit); }
-        float ws = w ? w[i / ff] : 1.f;
+        u64 r = i / ff;
+        float ws = w ? w[widx ? widx[r] : r] : 1.f;
         h[i] = gv / (1.f + expf(-gv)) * uv * ws;
     }
 }
 
-// y[t] = sum_j yk[t*k + j] + ysh[t] (ysh may be null).
-extern "C" __global__ void moe_reduce(const float* yk, const float* ysh, int k, int d, int n, float* y) {
+// y[t] = sum_j yk[t*k + j] + ysh[t] (ysh may be null); with pos, slot s's
+// row is yk[pos[s]] (expert-sorted order).
+extern "C" __global__ void moe_reduce(const float* yk, const float* ysh, int k, int d, int n, float* y, const int* pos) {
     u64 total = (u64)n * d;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         u64 t = i / d, c = i % d;
         float acc = 0.f;
-        for (int j = 0; j < k; j++) acc += yk[(t * k + j) * d + c];
+        for (int j = 0; j < k; j++) {
+            u64 row = pos ? (u64)pos[t * k + j] : t * k + j;
+            acc += yk[row * d + c];
+        }
         if (ysh) acc += ysh[i];
         y[i] = acc;
     }
@@ -88,4 +94,54 @@ extern "C" __global__ void scale_inplace(float* x, float s, int n) {
 
 extern "C" __global__ void fill_f32(float* x, int n, float v) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) x[i] = v;
+}
+
+// Sort the n*k (token, expert) slots by expert for grouped expert matvecs
+// (prefill): order[j] = slot at sorted position j, pos[slot] = j, and tiles of
+// up to `tile` rows per expert as (expert, first row, rows, 1); unused tile
+// entries get rows = 0. One block; ne <= 1024. Which slots share a tile may
+// vary run to run, but each slot's arithmetic does not depend on it.
+extern "C" __global__ void moe_group(const int* eids, int slots, int ne, int tile, int max_tiles, int* order, int* pos, int* tiles) {
+    __shared__ int cnt[1024], off[1024], tb[1024], cur[1024];
+    for (int e = threadIdx.x; e < ne; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int s = threadIdx.x; s < slots; s += blockDim.x) atomicAdd(&cnt[eids[s]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int run = 0, runt = 0;
+        for (int e = 0; e < ne; e++) {
+            off[e] = run; cur[e] = run; tb[e] = runt;
+            run += cnt[e];
+            runt += (cnt[e] + tile - 1) / tile;
+        }
+    }
+    __syncthreads();
+    for (int s = threadIdx.x; s < slots; s += blockDim.x) {
+        int j = atomicAdd(&cur[eids[s]], 1);
+        order[j] = s;
+        pos[s] = j;
+    }
+    for (int t = threadIdx.x; t < max_tiles; t += blockDim.x) {
+        tiles[4 * t] = 0; tiles[4 * t + 1] = 0; tiles[4 * t + 2] = 0; tiles[4 * t + 3] = 0;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < ne; e += blockDim.x) {
+        int nt = (cnt[e] + tile - 1) / tile;
+        for (int i = 0; i < nt; i++) {
+            int t = tb[e] + i;
+            tiles[4 * t] = e;
+            tiles[4 * t + 1] = off[e] + i * tile;
+            tiles[4 * t + 2] = min(tile, cnt[e] - i * tile);
+            tiles[4 * t + 3] = 1;
+        }
+    }
+}
+
+// dst[j] = src[idx[j] / div] (rows of d floats)
+extern "C" __global__ void gather_rows(const float* src, const int* idx, int div, int d, int rows, float* dst) {
+    u64 total = (u64)rows * d;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u64 j = i / d, c = i % d;
+        dst[i] = src[(u64)(idx[j] / div) * d + c];
+    }
 }

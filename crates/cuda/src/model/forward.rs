@@ -44,6 +44,15 @@ impl GpuModel {
             x, xs as i32, y, ys as i32, 1i32, eids, w.expert_bytes(), x_group as i32, stage)
     }
 
+    /// Grouped matvec over expert-sorted rows: tile t = (matrix, first row,
+    /// rows ≤ 8) of `tiles`; each weight row is read once per tile.
+    fn mv_grouped(&self, w: MatRef, x: u64, xs: usize, y: u64, ys: usize, tiles: u64, max_tiles: usize) -> Result<()> {
+        let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
+        let name = format!("mvg_{suffix}");
+        launch!(self.gpu, &name, (w.rows.div_ceil(4) as u32, max_tiles as u32, 1), (128, 1, 1), 0;
+            w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, x, xs as i32, y, ys as i32, w.expert_bytes(), tiles)
+    }
+
     fn rmsnorm_rows(&self, x: u64, w: u64, d: usize, rows: usize) -> Result<()> {
         launch!(self.gpu, "rmsnorm_rows", (rows as u32, 1, 1), (512, 1, 1), 0; x, w, d as i32, self.cfg.rms_eps)
     }
@@ -320,7 +329,7 @@ impl GpuModel {
                     self.mv(w1.r(), a, d, sg, ff, n)?;
                     self.mv(w3.r(), a, d, su, ff, n)?;
                     launch!(self.gpu, "swiglu", (((n * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
-                        sg, su, 0u64, ff as i32, n as i32, limit, sh)?;
+                        sg, su, 0u64, ff as i32, n as i32, limit, sh, 0u64)?;
                     self.mv(w2.r(), sh, ff, ys, d, n)
                 })?;
                 Some(j)
@@ -333,17 +342,36 @@ impl GpuModel {
         launch!(self.gpu, "router", (n as u32, 1, 1), (256, 1, 1), 0;
             rlog, ne as i32, k as i32, bias, tid, self.s.tok.ptr, c.weights_norm as i32, c.route_scale, eids, ew)?;
         let slots = n * k;
-        self.mv_experts(b.gate_exps.r(), a, d, k, g, ff, slots, eids)?;
-        self.mv_experts(b.up_exps.r(), a, d, k, up, ff, slots, eids)?;
-        launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
-            g, up, ew, ff as i32, slots as i32, limit, hbuf)?;
-        self.mv_experts(b.down_exps.r(), hbuf, ff, 1, yk, d, slots, eids)?;
+        let mut pos = 0u64;
+        if n == 1 {
+            // decode: one matvec per (token, expert) slot, expert id read on the device
+            self.mv_experts(b.gate_exps.r(), a, d, k, g, ff, slots, eids)?;
+            self.mv_experts(b.up_exps.r(), a, d, k, up, ff, slots, eids)?;
+            launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
+                g, up, ew, ff as i32, slots as i32, limit, hbuf, 0u64)?;
+            self.mv_experts(b.down_exps.r(), hbuf, ff, 1, yk, d, slots, eids)?;
+        } else {
+            // prefill: slots sorted by expert, each expert's weights read once
+            // per tile of up to 8 tokens instead of once per token
+            let (order, pos_b, tiles, ag) = (self.s.order.ptr, self.s.pos.ptr, self.s.tiles.ptr, self.s.ag.ptr);
+            let max_tiles = slots.div_ceil(8) + ne;
+            launch!(self.gpu, "moe_group", (1, 1, 1), (1024, 1, 1), 0;
+                eids, slots as i32, ne as i32, 8i32, max_tiles as i32, order, pos_b, tiles)?;
+            launch!(self.gpu, "gather_rows", (((slots * d) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
+                a, order, k as i32, d as i32, slots as i32, ag)?;
+            self.mv_grouped(b.gate_exps.r(), ag, d, g, ff, tiles, max_tiles)?;
+            self.mv_grouped(b.up_exps.r(), ag, d, up, ff, tiles, max_tiles)?;
+            launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
+                g, up, ew, ff as i32, slots as i32, limit, hbuf, order)?;
+            self.mv_grouped(b.down_exps.r(), hbuf, ff, yk, d, tiles, max_tiles)?;
+            pos = pos_b;
+        }
         let mut ysh = 0u64;
         if let Some(j) = j_shared {
             self.gpu.join(j)?;
             ysh = self.s.ysh.ptr;
         }
         launch!(self.gpu, "moe_reduce", (((n * d) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
-            yk, ysh, k as i32, d as i32, n as i32, y)
+            yk, ysh, k as i32, d as i32, n as i32, y, pos)
     }
 }

@@ -217,6 +217,11 @@ pub(crate) struct Scratch {
     f: DevBuf,
     rlog: DevBuf,
     pub(crate) eids: DevBuf,
+    /// expert-sorted prefill: slot order, inverse, tiles, gathered inputs
+    order: DevBuf,
+    pos: DevBuf,
+    tiles: DevBuf,
+    ag: DevBuf,
     /// 0, 1, 2, ... (identity slot -> matrix map for grouped launches)
     iota: DevBuf,
     ew: DevBuf,
@@ -424,6 +429,10 @@ impl Scratch {
             f: f(n * d)?,
             rlog: f(n * c.n_experts)?,
             eids: f(n * k)?,
+            order: f(n * k)?,
+            pos: f(n * k)?,
+            tiles: f(4 * ((n * k).div_ceil(8) + c.n_experts))?,
+            ag: f(n * k * d)?,
             iota: g.upload(&(0..1024i32).collect::<Vec<i32>>())?,
             ew: f(n * k)?,
             g: f(n * k * ff)?,
