@@ -20,10 +20,11 @@ pub struct BenchArgs {
     /// What to benchmark: `kernels` (CPU matvec vs memory bandwidth) or
     /// `synthetic` (a full-shape random-weight model on the GPU: decode at
     /// context frontiers and prefill, CSV with ratios to the bandwidth floor).
-    pub what: String,
-    /// synthetic: routed-expert recipe, q2 or q4.
-    #[arg(long, default_value = "q2")]
-    pub synthetic: String,
+    /// `--synthetic RECIPE` alone implies `synthetic`.
+    pub what: Option<String>,
+    /// Synthetic model's routed-expert recipe: q2 or q4 (default q2).
+    #[arg(long)]
+    pub synthetic: Option<String>,
     /// synthetic: layers to build (43 = the full model; fewer on 80 GB cards).
     #[arg(long, default_value_t = 8)]
     pub layers: usize,
@@ -54,11 +55,16 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if a.what == "synthetic" {
+    let what = match (&a.what, &a.synthetic) {
+        (Some(w), _) => w.as_str(),
+        (None, Some(_)) => "synthetic",
+        (None, None) => bail!("say what to benchmark: `dsv4 bench kernels` or `dsv4 bench --synthetic q2|q4 [--layers N]`"),
+    };
+    if what == "synthetic" {
         return synthetic(&a);
     }
-    if a.what != "kernels" {
-        bail!("unknown benchmark {:?} (available: kernels, synthetic)", a.what);
+    if what != "kernels" {
+        bail!("unknown benchmark {what:?} (available: kernels, synthetic)");
     }
     let mut builder = rayon::ThreadPoolBuilder::new();
     if let Some(t) = a.threads {
@@ -218,9 +224,10 @@ mod tests {
     }
 }
 
-/// `dsv4 bench synthetic`: see dsv4_cuda::bench. GPU only for now.
+/// `dsv4 bench --synthetic q2|q4`: see dsv4_cuda::bench. GPU only for now.
 fn synthetic(a: &BenchArgs) -> Result<()> {
-    let recipe = dsv4_cuda::synthetic::Recipe::parse(&a.synthetic).with_context(|| format!("unknown recipe {:?} (q2 or q4)", a.synthetic))?;
+    let name = a.synthetic.as_deref().unwrap_or("q2");
+    let recipe = dsv4_cuda::synthetic::Recipe::parse(name).with_context(|| format!("unknown recipe {name:?} (q2 or q4)"))?;
     if let Err(why) = dsv4_cuda::available() {
         bail!("`bench synthetic` needs a CUDA GPU ({why}); the CPU path is benchmarked by `bench kernels`");
     }

@@ -1,4 +1,4 @@
-//! `dsv4 bench synthetic`: decode and prefill speed of a synthetic full-shape
+//! `dsv4 bench --synthetic q2|q4`: decode and prefill speed of a synthetic full-shape
 //! model (random weights of the published types) on the GPU, as a ratio to the
 //! memory-bandwidth floor measured in the same run.
 //!
