@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// Synthetic model's routed-expert recipe: q2 or q4 (default q2).
     #[arg(long)]
     pub synthetic: Option<String>,
+    /// synthetic: backend, auto (CUDA when usable), cuda or cpu (CPU: a few
+    /// layers only; the model is built in RAM, ~2 GB per q2 layer plus the head).
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
     /// synthetic: layers to build (43 = the full model; fewer on 80 GB cards).
     #[arg(long, default_value_t = 8)]
     pub layers: usize,
@@ -228,8 +232,17 @@ mod tests {
 fn synthetic(a: &BenchArgs) -> Result<()> {
     let name = a.synthetic.as_deref().unwrap_or("q2");
     let recipe = dsv4_cuda::synthetic::Recipe::parse(name).with_context(|| format!("unknown recipe {name:?} (q2 or q4)"))?;
+    let use_cuda = match a.backend.as_str() {
+        "cpu" => false,
+        "cuda" => true,
+        "auto" => dsv4_cuda::available().is_ok(),
+        other => bail!("unknown backend {other:?} (auto, cpu, cuda)"),
+    };
+    if !use_cuda {
+        return synthetic_cpu(a, recipe);
+    }
     if let Err(why) = dsv4_cuda::available() {
-        bail!("`bench synthetic` needs a CUDA GPU ({why}); the CPU path is benchmarked by `bench kernels`");
+        bail!("`bench --synthetic` on CUDA needs a usable GPU ({why}); use --backend cpu");
     }
     let ctx_points = a
         .ctx_points
@@ -238,4 +251,46 @@ fn synthetic(a: &BenchArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let opts = dsv4_cuda::bench::BenchOpts { recipe, layers: a.layers, ctx_points, decode_steps: a.steps, prefill_tokens: a.prefill, max_chunk: 256 };
     dsv4_cuda::bench::run(&opts, &mut |s| println!("{s}")).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The same benchmark on the CPU backend, for small layer counts: the model is
+/// generated in RAM (dsv4_tools::synthetic), decode is timed at a short context
+/// (prefilling long contexts on a CPU takes too long), and the full-model
+/// figure is scaled by decode bytes (head + 43 layers vs head + N layers).
+fn synthetic_cpu(a: &BenchArgs, recipe: dsv4_cuda::synthetic::Recipe) -> Result<()> {
+    use dsv4_engine::{Backend, Config, CpuBackend, Model, Want};
+    use std::sync::Arc;
+    let full = Config::v4_flash();
+    let cfg = full.with_layers(a.layers);
+    let (bw, _) = measure_bandwidth(1 << 30, 5);
+    println!("# CPU, {} threads; measured read bandwidth {bw:.1} GB/s", rayon::current_num_threads());
+    let t = Instant::now();
+    let r = match recipe {
+        dsv4_cuda::synthetic::Recipe::Q2 => dsv4_tools::synthetic::SynthRecipe::Q2,
+        dsv4_cuda::synthetic::Recipe::Q4 => dsv4_tools::synthetic::SynthRecipe::Q4,
+    };
+    let bytes = dsv4_tools::synthetic::synthetic_gguf(&cfg, r, 7).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let file = Arc::new(dsv4_gguf::GgufFile::from_bytes(bytes)?);
+    let model = Arc::new(Model::from_gguf(file, None)?);
+    println!("# synthetic {recipe:?} model, {} of {} layers, built in RAM in {:.1} s", cfg.n_layers, full.n_layers, t.elapsed().as_secs_f64());
+    let wbytes: u64 = (0..cfg.n_layers).map(|l| dsv4_cuda::synthetic::layer_decode_bytes(&cfg, l, recipe)).sum::<u64>() + dsv4_cuda::synthetic::head_decode_bytes(&cfg);
+    let full_bytes: u64 = (0..full.n_layers).map(|l| dsv4_cuda::synthetic::layer_decode_bytes(&full, l, recipe)).sum::<u64>() + dsv4_cuda::synthetic::head_decode_bytes(&full);
+    let prefill = a.prefill.clamp(1, 256);
+    let mut be = CpuBackend::with_ctx(model, prefill + a.steps + 8);
+    let toks: Vec<u32> = (0..prefill).map(|i| (i * 7919 % 120000) as u32).collect();
+    let t = Instant::now();
+    be.eval(&toks, Want::default())?;
+    let pf = t.elapsed().as_secs_f64();
+    let steps = a.steps.max(1);
+    let t = Instant::now();
+    for i in 0..steps {
+        be.eval(&[(1000 + 7 * i) as u32], Want::default())?;
+    }
+    let dt = t.elapsed().as_secs_f64() / steps as f64;
+    let gbps = wbytes as f64 / dt / 1e9;
+    let full_dt = dt * full_bytes as f64 / wbytes as f64;
+    println!("kind,layers,ctx,tokens,ms_per_token,tokens_per_s,gb_per_token,gb_per_s,ratio_to_read_bw,full_model_ms_per_token_est,full_model_tokens_per_s_est");
+    println!("decode,{},{},1,{:.1},{:.3},{:.3},{:.1},{:.3},{:.0},{:.4}", cfg.n_layers, prefill, dt * 1e3, 1.0 / dt, wbytes as f64 / 1e9, gbps, gbps / bw, full_dt * 1e3, 1.0 / full_dt);
+    println!("prefill,{},{},{},{:.1},{:.2},,,,,", cfg.n_layers, prefill, prefill, pf * 1e3 / prefill as f64, prefill as f64 / pf);
+    Ok(())
 }

@@ -16,6 +16,7 @@ pub mod iq2xxs;
 pub mod kquants;
 pub mod plan;
 pub mod safetensors;
+pub mod synthetic;
 
 pub use convert::{convert, ConvertError, ConvertOptions, ConvertReport, NoProgress, Progress};
 pub use plan::Recipe;
