@@ -179,6 +179,22 @@ pub fn run(opts: &BenchOpts, print: &mut dyn FnMut(&str)) -> Result<()> {
         for (name, (t, c)) in v.iter().take(20) {
             print(&format!("#   {name:24} {:8.3} ms/step {:6} launches/step {:6.1} us/launch", t * 1e3 / steps as f64, c / steps as u64, t * 1e6 / *c as f64));
         }
+        // and one prefill chunk
+        if opts.prefill_tokens > 0 {
+            let n = opts.max_chunk.min(opts.prefill_tokens);
+            let toks: Vec<u32> = (0..n).map(|i| (i * 7919 % 120000) as u32).collect();
+            let mut st = m.new_state()?;
+            *m.gpu.profile.borrow_mut() = Some(Default::default());
+            m.eval(&mut st, &toks, Want::default())?;
+            let prof = m.gpu.profile.borrow_mut().take().unwrap_or_default();
+            let mut v: Vec<_> = prof.into_iter().collect();
+            v.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).unwrap_or(std::cmp::Ordering::Equal));
+            let total: f64 = v.iter().map(|x| x.1 .0).sum();
+            print(&format!("# profile of a {n}-token prefill chunk: {:.3} ms in kernels (synchronised)", total * 1e3));
+            for (name, (t, c)) in v.iter().take(12) {
+                print(&format!("#   {name:24} {:8.3} ms {:6} launches", t * 1e3, c));
+            }
+        }
         m.use_graphs = true;
     }
     if opts.prefill_tokens > 0 {
