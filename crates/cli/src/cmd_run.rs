@@ -207,9 +207,15 @@ fn open_model(a: &ModelArgs) -> Result<Loaded> {
 fn new_session(a: &ModelArgs, file: &Arc<GgufFile>, ctx: usize) -> Result<Session> {
     let backend = make_backend(&a.backend, file, ctx)?;
     let cfg = backend.config();
-    let per_token = cfg.state_values_per_token() * 4.0;
+    // the CPU stores compressed rows packed (lossless FP8/FP4 codes); the CUDA
+    // backend keeps them as f32
+    let per_token = if backend.name() == "cpu" {
+        dsv4_engine::pack::StateBytes::per_token(cfg, dsv4_engine::pack::RopeStore::F32)
+    } else {
+        cfg.state_values_per_token() * 4.0
+    };
     eprintln!(
-        "dsv4: {} backend, context {} tokens, state {:.1} MiB allocated ({:.0} bytes/token for compressed rows, f32)",
+        "dsv4: {} backend, context {} tokens, state {:.1} MiB allocated ({:.0} bytes/token for compressed rows)",
         backend.name(),
         ctx,
         backend.state_bytes() as f64 / (1 << 20) as f64,
