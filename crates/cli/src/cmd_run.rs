@@ -42,6 +42,11 @@ pub struct ModelArgs {
     /// Backend: auto (CUDA when a GPU is usable, else CPU), cpu or cuda.
     #[arg(long, default_value = "auto")]
     pub backend: String,
+    /// CPU backend: quantise activations to 8 bits for the quantised-weight dot
+    /// products (ds4's CPU numerics: faster, held to the fixtures' q8 bounds)
+    /// instead of the f32 reference numerics.
+    #[arg(long)]
+    pub q8: bool,
     /// Prefill chunk (tokens per backend call).
     #[arg(long, default_value_t = 512)]
     pub chunk: usize,
@@ -160,8 +165,11 @@ fn encode_opts(t: Think, ctx: usize, add_bos: bool) -> EncodeOptions {
 }
 
 /// Builds the backend by name: the one place that knows the backends.
-pub fn make_backend(name: &str, file: &Arc<GgufFile>, ctx: usize) -> Result<Box<dyn Backend>> {
-    let model = Model::from_gguf(file.clone(), None).context("loading the model")?;
+pub fn make_backend(name: &str, file: &Arc<GgufFile>, ctx: usize, q8: bool) -> Result<Box<dyn Backend>> {
+    let mut model = Model::from_gguf(file.clone(), None).context("loading the model")?;
+    if q8 {
+        model.numerics = dsv4_engine::Numerics::Q8;
+    }
     crate::backends::make(name, Arc::new(model), ctx)
 }
 
@@ -205,7 +213,7 @@ fn open_model(a: &ModelArgs) -> Result<Loaded> {
 }
 
 fn new_session(a: &ModelArgs, file: &Arc<GgufFile>, ctx: usize) -> Result<Session> {
-    let backend = make_backend(&a.backend, file, ctx)?;
+    let backend = make_backend(&a.backend, file, ctx, a.q8)?;
     let cfg = backend.config();
     // the CPU stores compressed rows packed (lossless FP8/FP4 codes); the CUDA
     // backend keeps them as f32
