@@ -178,12 +178,16 @@ fn check_value(key: &str, v: &Value, depth: usize) -> Result<(), GgufError> {
     Ok(())
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+/// Appends a GGUF string (u64 length + bytes). Public so streaming writers
+/// (the converter's) serialise metadata exactly as this writer does.
+pub fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
 
-fn put_value(out: &mut Vec<u8>, v: &Value) {
+/// Appends a metadata value's payload (no type tag; arrays carry their element
+/// type and count). Values are assumed validated (`add_kv` checks arrays).
+pub fn put_value(out: &mut Vec<u8>, v: &Value) {
     match v {
         Value::U8(x) => out.push(*x),
         Value::I8(x) => out.push(*x as u8),

@@ -15,6 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use dsv4_gguf::writer::{put_str, put_value};
 use dsv4_gguf::{GgmlType, Value};
 use sha2::{Digest, Sha256};
 
@@ -55,36 +56,6 @@ impl TensorSpec {
 
 fn align_up(x: u64) -> u64 {
     x.div_ceil(ALIGN as u64) * ALIGN as u64
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn put_value(out: &mut Vec<u8>, v: &Value) {
-    match v {
-        Value::U8(x) => out.push(*x),
-        Value::I8(x) => out.push(*x as u8),
-        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::Bool(x) => out.push(*x as u8),
-        Value::String(s) => put_str(out, s),
-        Value::Array(items) => {
-            let ty = items.first().map(Value::type_id).unwrap_or(0);
-            out.extend_from_slice(&ty.to_le_bytes());
-            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            for it in items {
-                put_value(out, it);
-            }
-        }
-        Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
-    }
 }
 
 /// Serialises the header and returns it with each tensor's absolute file offset.
