@@ -12,6 +12,7 @@
 //!
 //! Test vectors in `tests/data` come from gguf-py (`tests/oracle/gen_vectors.py`).
 
+pub mod bench;
 pub mod container;
 pub mod kernels;
 pub mod quant;
