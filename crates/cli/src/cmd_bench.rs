@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dsv4_gguf::kernels::{matvec, matvec_q8, quantize_acts};
-use dsv4_gguf::bench::{best_median, measure_bandwidth, synthetic_weights};
+use dsv4_gguf::bench::{bench_matrix, measure_bandwidth, time_rates};
 use dsv4_gguf::GgmlType;
 use dsv4_gguf::rayon;
 
@@ -118,30 +118,15 @@ fn bench_kernels(a: &BenchArgs) -> Result<()> {
 
 /// Throughput of `matvec` and `matvec_q8` for one type over ~`bytes` of weights.
 pub fn bench_type(ty: GgmlType, n_cols: usize, bytes: usize, reps: usize) -> Result<KernelResult> {
-    let rb = ty.row_bytes(n_cols).with_context(|| format!("{n_cols} columns are not whole {ty} blocks"))?;
-    let n_rows = (bytes / rb).max(1);
-    let w = synthetic_weights(ty, n_rows * n_cols / ty.block_elems());
-    let x: Vec<f32> = (0..n_cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-    let mut y = vec![0f32; n_rows];
-    let total = w.len() as f64;
-    let mut time = |f: &mut dyn FnMut(&mut [f32])| {
-        let mut rates = Vec::new();
-        for i in 0..reps.max(1) + 1 {
-            let t = Instant::now();
-            f(&mut y);
-            let dt = t.elapsed().as_secs_f64();
-            if i > 0 {
-                rates.push(total / dt / 1e9);
-            }
-        }
-        std::hint::black_box(&y);
-        best_median(rates)
-    };
-    let (f32_best, f32_median) = time(&mut |y| matvec(ty, &w, n_rows, n_cols, &x, y));
-    let (q8_best, q8_median) = time(&mut |y| {
-        let xq = quantize_acts(ty, &x);
-        matvec_q8(ty, &w, n_rows, n_cols, &xq, y)
+    let m = bench_matrix(ty, n_cols, bytes).with_context(|| format!("{n_cols} columns are not whole {ty} blocks"))?;
+    let mut y = vec![0f32; m.n_rows];
+    let total = m.w.len() as f64;
+    let (f32_best, f32_median) = time_rates(reps, total, || matvec(ty, &m.w, m.n_rows, n_cols, &m.x, &mut y));
+    let (q8_best, q8_median) = time_rates(reps, total, || {
+        let xq = quantize_acts(ty, &m.x);
+        matvec_q8(ty, &m.w, m.n_rows, n_cols, &xq, &mut y)
     });
+    std::hint::black_box(&y);
     Ok(KernelResult { ty, f32_best, f32_median, q8_best, q8_median })
 }
 

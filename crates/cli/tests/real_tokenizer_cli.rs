@@ -7,29 +7,14 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use common::{dsv4, text};
+
+use std::process::Output;
 
 use common::realtok;
 
 fn model() -> String {
     realtok::model_path().to_str().unwrap().to_string()
-}
-
-fn dsv4(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dsv4"));
-    c.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = c.spawn().expect("spawn dsv4");
-    let mut inp = child.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        inp.write_all(s.as_bytes()).unwrap();
-    }
-    drop(inp);
-    child.wait_with_output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn ok(o: &Output) -> String {

@@ -3,28 +3,13 @@
 //! the plumbing: rendering, streaming, stop conditions, reproducibility, the
 //! chat transcript's KV reuse, save/load, logprob dumps and the disk KV cache).
 
-use std::io::Write;
+mod common;
+
+use common::{dsv4, text};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
 
 fn model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tiny-q2/model.gguf")
-}
-
-fn dsv4(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dsv4"));
-    c.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = c.spawn().expect("spawn dsv4");
-    let mut inp = child.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        inp.write_all(s.as_bytes()).unwrap();
-    }
-    drop(inp);
-    child.wait_with_output().unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

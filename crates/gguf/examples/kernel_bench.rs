@@ -7,57 +7,33 @@
 //! `KB_TOKENS=n` adds `matmul_q8` with `n` tokens (prefill), reported as
 //! weight GB/s × tokens (equal to the matvec figure when nothing is shared).
 
-use std::time::Instant;
 
 use dsv4_gguf::kernels::{matmul_q8, matvec, matvec_q8, quantize_acts};
-use dsv4_gguf::bench::{best_median, measure_bandwidth, synthetic_weights};
+use dsv4_gguf::bench::{bench_matrix, measure_bandwidth, time_rates};
 use dsv4_gguf::quant::simd_enabled;
 use dsv4_gguf::rayon;
 use dsv4_gguf::GgmlType;
 
 
 fn bench_type(ty: GgmlType, n_cols: usize, bytes: usize, reps: usize) -> (f64, f64, f64, f64) {
-    let rb = ty.row_bytes(n_cols).unwrap();
-    let n_rows = (bytes / rb).max(1);
-    let w = synthetic_weights(ty, n_rows * n_cols / ty.block_elems());
-    let x: Vec<f32> = (0..n_cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+    let m = bench_matrix(ty, n_cols, bytes).expect("whole blocks");
+    let n_rows = m.n_rows;
     let mut y = vec![0f32; n_rows];
-    let total = w.len() as f64;
-    let mut time = |f: &mut dyn FnMut(&mut [f32])| {
-        let mut rates = Vec::new();
-        for i in 0..reps.max(1) + 1 {
-            let t = Instant::now();
-            f(&mut y);
-            let dt = t.elapsed().as_secs_f64();
-            if i > 0 {
-                rates.push(total / dt / 1e9);
-            }
-        }
-        std::hint::black_box(&y);
-        best_median(rates)
-    };
-    let (a, b) = time(&mut |y| matvec(ty, &w, n_rows, n_cols, &x, y));
-    let (c, d) = time(&mut |y| {
-        let xq = quantize_acts(ty, &x);
-        matvec_q8(ty, &w, n_rows, n_cols, &xq, y)
+    let total = m.w.len() as f64;
+    let (a, b) = time_rates(reps, total, || matvec(ty, &m.w, n_rows, n_cols, &m.x, &mut y));
+    let (c, d) = time_rates(reps, total, || {
+        let xq = quantize_acts(ty, &m.x);
+        matvec_q8(ty, &m.w, n_rows, n_cols, &xq, &mut y)
     });
+    std::hint::black_box(&y);
     if let Some(n_tok) = std::env::var("KB_TOKENS").ok().and_then(|v| v.parse::<usize>().ok()) {
         let xqs: Vec<_> = (0..n_tok)
-            .map(|t| quantize_acts(ty, &x.iter().map(|v| v * (1.0 + t as f32 * 0.01)).collect::<Vec<f32>>()))
+            .map(|t| quantize_acts(ty, &m.x.iter().map(|v| v * (1.0 + t as f32 * 0.01)).collect::<Vec<f32>>()))
             .collect();
         let mut ym = vec![0f32; n_rows * n_tok];
-        let mut rates = Vec::new();
-        for i in 0..reps.max(1) + 1 {
-            let t = Instant::now();
-            matmul_q8(ty, &w, n_rows, n_cols, &xqs, &mut ym);
-            let dt = t.elapsed().as_secs_f64();
-            if i > 0 {
-                rates.push(total * n_tok as f64 / dt / 1e9);
-            }
-        }
+        let (b, med) = time_rates(reps, total * n_tok as f64, || matmul_q8(ty, &m.w, n_rows, n_cols, &xqs, &mut ym));
         std::hint::black_box(&ym);
-        let (b, m) = best_median(rates);
-        println!("  {} matmul_q8 x{n_tok}: {b:.2} [{m:.2}] GB/s x tokens", ty.name());
+        println!("  {} matmul_q8 x{n_tok}: {b:.2} [{med:.2}] GB/s x tokens", ty.name());
     }
     (a, b, c, d)
 }

@@ -74,3 +74,34 @@ pub fn synthetic_weights(ty: GgmlType, n_blocks: usize) -> Vec<u8> {
     });
     v
 }
+
+/// Best and median GB/s for `bytes` processed per call of `f`: one warm-up
+/// call, then `reps` timed calls.
+pub fn time_rates(reps: usize, bytes: f64, mut f: impl FnMut()) -> (f64, f64) {
+    f();
+    let rates = (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            bytes / t.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    best_median(rates)
+}
+
+/// A benchmark matrix: about `bytes` of `ty` weights with `n_cols` columns,
+/// and a fixed non-trivial input vector.
+pub struct BenchMatrix {
+    pub n_rows: usize,
+    pub w: Vec<u8>,
+    pub x: Vec<f32>,
+}
+
+/// None when `n_cols` is not a whole number of `ty` blocks.
+pub fn bench_matrix(ty: GgmlType, n_cols: usize, bytes: usize) -> Option<BenchMatrix> {
+    let rb = ty.row_bytes(n_cols)?;
+    let n_rows = (bytes / rb).max(1);
+    let w = synthetic_weights(ty, n_rows * n_cols / ty.block_elems());
+    let x = (0..n_cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+    Some(BenchMatrix { n_rows, w, x })
+}
