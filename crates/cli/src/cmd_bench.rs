@@ -133,6 +133,7 @@ pub fn bench_type(ty: GgmlType, n_cols: usize, bytes: usize, reps: usize) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dsv4_gguf::bench::synthetic_weights;
 
     #[test]
     fn synthetic_weights_decode_and_bench_runs() {
