@@ -238,6 +238,7 @@ impl GpuModel {
             s: scratch,
             ablate_kv_fp8: false,
             use_graphs: std::env::var("DSV4_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true),
+            q8: false,
         })
     }
 

@@ -14,28 +14,55 @@ extern "C" __global__ void embed_rows(const u8* E, int type, const int* tok, int
 }
 
 // In-place RMSNorm of `rows` rows of width d; w may be null (unweighted).
-extern "C" __global__ void rmsnorm_rows(float* x, const float* w, int d, float eps) {
+// With q0 / qk set, the result is also written in 8-bit form (quant_vals).
+extern "C" __global__ void rmsnorm_rows(float* x, const float* w, int d, float eps, i8* q0, float* d0, i8* qk, float* dk) {
     __shared__ float sh[32];
     float* r = x + (u64)blockIdx.x * d;
     float ss = 0.f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) ss += r[i] * r[i];
     ss = block_sum(ss, sh);
     float inv = 1.f / sqrtf(ss / (float)d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = r[i] * inv * (w ? w[i] : 1.f);
+    for (int base = 0; base < d; base += blockDim.x) {
+        int i = base + threadIdx.x;
+        bool ok = i < d;
+        float v = ok ? r[i] * inv * (w ? w[i] : 1.f) : 0.f;
+        if (ok) r[i] = v;
+        if (q0 || qk) quant_vals(v, ok, (u64)blockIdx.x * d + i, q0, d0, qk, dk);
+    }
 }
+
+// values per thread of the HC kernels (d <= HC_VPT * blockDim) and most
+// streams held in registers (m <= HC_M; both checked on the host)
+#define HC_VPT 4
+#define HC_M 4
 
 // HcPre tail: from the (2+m)m mixes (fn . x, already computed) to the
 // normalised sub-block input a[t] and the post/comb weights hw[t] (m + m*m).
-extern "C" __global__ void hc_pre(const float* x, const float* mixes, const float* scale, const float* base,
+extern "C" __global__ void __launch_bounds__(1024) hc_pre(const float* x, const float* mixes, const float* scale, const float* base,
                                   const float* norm_w, int d, int m, int iters, float hc_eps, float rms_eps,
-                                  float* a, float* hw) {
+                                  float* a, float* hw, i8* q0, float* d0, i8* qk, float* dk) {
     __shared__ float sh[32];
     __shared__ float pre[16], mix[96], comb[64];
     int t = blockIdx.x;
     const float* xt = x + (u64)t * m * d;
     int md = m * d, nmix = (2 + m) * m;
+    // the token's m x d state in registers (d <= HC_VPT * blockDim, m <=
+    // HC_M, checked on the host): every load is issued up front, one memory
+    // round trip instead of one per loop iteration, and read once for both
+    // the norm and the collapse
+    float xr[HC_M][HC_VPT];
     float ss = 0.f;
-    for (int i = threadIdx.x; i < md; i += blockDim.x) ss += xt[i] * xt[i];
+#pragma unroll
+    for (int j = 0; j < HC_M; j++)
+#pragma unroll
+        for (int v = 0; v < HC_VPT; v++) {
+            int i = threadIdx.x + v * blockDim.x;
+            xr[j][v] = (j < m && i < d) ? xt[(u64)j * d + i] : 0.f;
+        }
+#pragma unroll
+    for (int j = 0; j < HC_M; j++)
+#pragma unroll
+        for (int v = 0; v < HC_VPT; v++) ss += xr[j][v] * xr[j][v];
     ss = block_sum(ss, sh);
     float r = 1.f / sqrtf(ss / (float)md + rms_eps);
     float* out = hw + (u64)t * (m + m * m);
@@ -102,34 +129,64 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
     }
     __syncthreads();
     float* at = a + (u64)t * d;
+    float av[HC_VPT];
     float ss2 = 0.f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = 0.f;
-        for (int j = 0; j < m; j++) v += pre[j] * xt[(u64)j * d + i];
-        at[i] = v;
-        ss2 += v * v;
+#pragma unroll
+    for (int v = 0; v < HC_VPT; v++) {
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < HC_M; j++)
+            if (j < m) acc += pre[j] * xr[j][v];
+        av[v] = acc;
+        ss2 += acc * acc;
     }
     ss2 = block_sum(ss2, sh);
     float inv = 1.f / sqrtf(ss2 / (float)d + rms_eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) at[i] = at[i] * inv * norm_w[i];
+#pragma unroll
+    for (int v = 0; v < HC_VPT; v++) {
+        int i = threadIdx.x + v * blockDim.x;
+        bool ok = i < d;
+        float val = ok ? av[v] * inv * norm_w[i] : 0.f;
+        if (ok) at[i] = val;
+        // uniform: a whole warp (256-group) is in or out of [0, d)
+        if ((q0 || qk) && v * (int)blockDim.x < d) quant_vals(val, ok, (u64)t * d + i, q0, d0, qk, dk);
+    }
 }
 
 // HcPost in place: x[t][k] = post[k] f[t] + sum_j comb[j][k] x[t][j].
-extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, int d, int m) {
+// All loads first (d <= HC_VPT * blockDim): in-place stores would otherwise
+// keep the compiler from overlapping one iteration's loads with the next.
+extern "C" __global__ void __launch_bounds__(1024) hc_post(float* x, const float* f, const float* hw, int d, int m) {
     int t = blockIdx.x;
     const float* w = hw + (u64)t * (m + m * m);
     float* xt = x + (u64)t * m * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float r[8];
+    float r[HC_M][HC_VPT], fi[HC_VPT];
 #pragma unroll
-        for (int j = 0; j < 8; j++) r[j] = (j < m) ? xt[(u64)j * d + i] : 0.f;
-        float fi = f[(u64)t * d + i];
-        for (int k = 0; k < m; k++) {
-            float v = w[k] * fi;
+    for (int v = 0; v < HC_VPT; v++) {
+        int i = threadIdx.x + v * blockDim.x;
+        fi[v] = (i < d) ? f[(u64)t * d + i] : 0.f;
 #pragma unroll
-            for (int j = 0; j < 8; j++)
-                if (j < m) v += w[m + j * m + k] * r[j];
-            xt[(u64)k * d + i] = v;
+        for (int j = 0; j < HC_M; j++) r[j][v] = (j < m && i < d) ? xt[(u64)j * d + i] : 0.f;
+    }
+    float wp[HC_M], wc[HC_M][HC_M];
+#pragma unroll
+    for (int k = 0; k < HC_M; k++) {
+        wp[k] = (k < m) ? w[k] : 0.f;
+#pragma unroll
+        for (int j = 0; j < HC_M; j++) wc[j][k] = (j < m && k < m) ? w[m + j * m + k] : 0.f;
+    }
+#pragma unroll
+    for (int v = 0; v < HC_VPT; v++) {
+        int i = threadIdx.x + v * blockDim.x;
+        if (i >= d) continue;
+#pragma unroll
+        for (int k = 0; k < HC_M; k++) {
+            if (k >= m) continue;
+            float o = wp[k] * fi[v];
+#pragma unroll
+            for (int j = 0; j < HC_M; j++)
+                if (j < m) o += wc[j][k] * r[j][v];
+            xt[(u64)k * d + i] = o;
         }
     }
 }
