@@ -774,7 +774,7 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     launch!(g, "swiglu", (2, 1, 1), (256, 1, 1), 0; up(&gg).ptr, up(&uu).ptr, up(&ws).ptr, ff as i32, rows as i32, 3.0f32, h.ptr, 0u64, q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr).unwrap();
     let out = g.read_f32(h.ptr, rows * ff).unwrap();
     check("swiglu", &out, ff, &q);
-    // hc_pre, 1024 threads, d = 512, m = 4
+    // hc_pre, 256 threads, d = 512, m = 4, two column slices per token
     let (m, d, n) = (4usize, 512usize, 2usize);
     let nmix = (2 + m) * m;
     let x: Vec<f32> = (0..n * m * d).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
@@ -785,8 +785,36 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     let a = up(&vec![f32::NAN; n * d]);
     let hw = up(&vec![f32::NAN; n * (m + m * m)]);
     let q = bufs(n * d);
-    launch!(g, "hc_pre", (n as u32, 1, 1), (1024, 1, 1), 0; up(&x).ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr,
+    launch!(g, "hc_pre", (n as u32, 2, 1), (256, 1, 1), 0; up(&x).ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr,
         q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr).unwrap();
     let out = g.read_f32(a.ptr, n * d).unwrap();
+    let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
+    for t in 0..n {
+        let xt = &x[t * m * d..(t + 1) * m * d];
+        let r = ops::rms_inv(xt, 1e-6);
+        let mx: Vec<f32> = mixes[t * nmix..(t + 1) * nmix].iter().map(|v| v * r).collect();
+        let w = ops::hc_split_sinkhorn(&mx, &scale, &base, m, 20, 1e-6);
+        let mut at = vec![0.0f32; d];
+        ops::hc_collapse(xt, &w.pre, d, &mut at);
+        ops::rmsnorm_inplace(&mut at, &norm, 1e-6);
+        assert!(rel_err(&out[t * d..(t + 1) * d], &at) < 1e-5, "sliced hc_pre a");
+        let mut want_hw = w.post.clone();
+        want_hw.extend_from_slice(&w.comb);
+        assert!(rel_err(&ghw[t * (m + m * m)..(t + 1) * (m + m * m)], &want_hw) < 1e-5, "sliced hc_pre weights");
+    }
+    // hc_post over column slices of 256 (d = 512: two blocks per token)
+    let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let dx = up(&x);
+    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; dx.ptr, up(&f).ptr, hw.ptr, d as i32, m as i32).unwrap();
+    let gx = g.read_f32(dx.ptr, n * m * d).unwrap();
+    for t in 0..n {
+        let xt = &x[t * m * d..(t + 1) * m * d];
+        let r = ops::rms_inv(xt, 1e-6);
+        let mx: Vec<f32> = mixes[t * nmix..(t + 1) * nmix].iter().map(|v| v * r).collect();
+        let w = ops::hc_split_sinkhorn(&mx, &scale, &base, m, 20, 1e-6);
+        let mut xo = vec![0.0f32; m * d];
+        ops::hc_post(&f[t * d..(t + 1) * d], xt, &w, d, &mut xo);
+        assert!(rel_err(&gx[t * m * d..(t + 1) * m * d], &xo) < 1e-5, "sliced hc_post");
+    }
     check("hc_pre", &out, d, &q);
 }

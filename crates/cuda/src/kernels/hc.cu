@@ -15,15 +15,18 @@ extern "C" __global__ void embed_rows(const u8* E, int type, const int* tok, int
 
 // In-place RMSNorm of `rows` rows of width d; w may be null (unweighted).
 // With q0 / qk set, the result is also written in 8-bit form (quant_vals).
+// One block per row (in place: a second block of the row would read values
+// this one already normalised).
 extern "C" __global__ void rmsnorm_rows(float* x, const float* w, int d, float eps, i8* q0, float* d0, i8* qk, float* dk) {
     __shared__ float sh[32];
     float* r = x + (u64)blockIdx.x * d;
     float ss = 0.f;
+#pragma unroll 4
     for (int i = threadIdx.x; i < d; i += blockDim.x) ss += r[i] * r[i];
     ss = block_sum(ss, sh);
     float inv = 1.f / sqrtf(ss / (float)d + eps);
-    for (int base = 0; base < d; base += blockDim.x) {
-        int i = base + threadIdx.x;
+    for (int b0 = 0; b0 < d; b0 += blockDim.x) {
+        int i = b0 + threadIdx.x;
         bool ok = i < d;
         float v = ok ? r[i] * inv * (w ? w[i] : 1.f) : 0.f;
         if (ok) r[i] = v;
@@ -31,14 +34,36 @@ extern "C" __global__ void rmsnorm_rows(float* x, const float* w, int d, float e
     }
 }
 
-// values per thread of the HC kernels (d <= HC_VPT * blockDim) and most
-// streams held in registers (m <= HC_M; both checked on the host)
-#define HC_VPT 4
-#define HC_M 4
+// This thread's share of sum(p[i]^2), i < n: loads in batches of 8 per
+// thread, all issued before they are used. (A plain strided loop compiled to
+// load-use pairs: one L2 round trip per iteration, 64 in a row, which was
+// most of hc_pre's time.)
+__device__ __forceinline__ float sumsq_batched(const float* p, int n) {
+    float ss = 0.f;
+    for (int b0 = 0; b0 < n; b0 += 8 * blockDim.x) {
+        float v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            int i = b0 + k * blockDim.x + threadIdx.x;
+            v[k] = (i < n) ? p[i] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; k++) ss += v[k] * v[k];
+    }
+    return ss;
+}
+
+// HC kernels spread one token over gridDim.y blocks (a column slice each):
+// one block per token put all of a decode step's HC work (and the 8-bit
+// quantisation) on a single SM, which made these the slowest small kernels.
 
 // HcPre tail: from the (2+m)m mixes (fn . x, already computed) to the
 // normalised sub-block input a[t] and the post/comb weights hw[t] (m + m*m).
-extern "C" __global__ void __launch_bounds__(1024) hc_pre(const float* x, const float* mixes, const float* scale, const float* base,
+// Grid (tokens, slices): every block computes the norm of x and the collapse
+// of all d columns (for the RMSNorm; both read from L2), block 0 of a token
+// also the Sinkhorn weights; block b writes (and quantises) columns
+// [b*cs, (b+1)*cs), cs = d / gridDim.y (a multiple of 256 when gridDim.y > 1).
+extern "C" __global__ void hc_pre(const float* x, const float* mixes, const float* scale, const float* base,
                                   const float* norm_w, int d, int m, int iters, float hc_eps, float rms_eps,
                                   float* a, float* hw, i8* q0, float* d0, i8* qk, float* dk) {
     __shared__ float sh[32];
@@ -46,27 +71,16 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre(const float* x, const 
     int t = blockIdx.x;
     const float* xt = x + (u64)t * m * d;
     int md = m * d, nmix = (2 + m) * m;
-    // the token's m x d state in registers (d <= HC_VPT * blockDim, m <=
-    // HC_M, checked on the host): every load is issued up front, one memory
-    // round trip instead of one per loop iteration, and read once for both
-    // the norm and the collapse
-    float xr[HC_M][HC_VPT];
-    float ss = 0.f;
-#pragma unroll
-    for (int j = 0; j < HC_M; j++)
-#pragma unroll
-        for (int v = 0; v < HC_VPT; v++) {
-            int i = threadIdx.x + v * blockDim.x;
-            xr[j][v] = (j < m && i < d) ? xt[(u64)j * d + i] : 0.f;
-        }
-#pragma unroll
-    for (int j = 0; j < HC_M; j++)
-#pragma unroll
-        for (int v = 0; v < HC_VPT; v++) ss += xr[j][v] * xr[j][v];
-    ss = block_sum(ss, sh);
+    float ss = block_sum(sumsq_batched(xt, md), sh);
     float r = 1.f / sqrtf(ss / (float)md + rms_eps);
     float* out = hw + (u64)t * (m + m * m);
-    if (m == 4) {
+    if (blockIdx.y > 0) {
+        // other slices only need `pre`
+        if (threadIdx.x < m) {
+            const float* mx_in = mixes + (u64)t * nmix;
+            pre[threadIdx.x] = 1.f / (1.f + expf(-(mx_in[threadIdx.x] * r * scale[0] + base[threadIdx.x]))) + hc_eps;
+        }
+    } else if (m == 4) {
         // warp 0: lanes 0..15 hold comb[j][k] (j = lane / 4, k = lane % 4); row
         // sums are xor-shuffles over 1, 2 and column sums over 4, 8
         if (threadIdx.x < 32) {
@@ -83,16 +97,20 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre(const float* x, const 
             float e = expf(c - mx);
             float s = e + __shfl_xor_sync(0xffffffffu, e, 1);
             s += __shfl_xor_sync(0xffffffffu, s, 2);
-            c = e / s + hc_eps;
+            // The iterations are one long dependent chain on one warp while the
+            // block waits: multiply by a correctly rounded reciprocal (a short
+            // MUFU + refinement sequence) instead of a full IEEE division
+            // (within 1 ulp of c / s; the kernel test holds it to the CPU).
+            c = e * __frcp_rn(s) + hc_eps;
             for (int it = 0; it < iters; it++) {
                 if (it > 0) {
                     float rs = c + __shfl_xor_sync(0xffffffffu, c, 1);
                     rs += __shfl_xor_sync(0xffffffffu, rs, 2);
-                    c = c / (rs + hc_eps);
+                    c = c * __frcp_rn(rs + hc_eps);
                 }
                 float cs = c + __shfl_xor_sync(0xffffffffu, c, 4);
                 cs += __shfl_xor_sync(0xffffffffu, cs, 8);
-                c = c / (cs + hc_eps);
+                c = c * __frcp_rn(cs + hc_eps);
             }
             if (valid) out[4 + l] = c;
         }
@@ -129,65 +147,60 @@ extern "C" __global__ void __launch_bounds__(1024) hc_pre(const float* x, const 
     }
     __syncthreads();
     float* at = a + (u64)t * d;
-    float av[HC_VPT];
+    int cs = d / gridDim.y, c0 = blockIdx.y * cs;
+    // collapse of every column for the norm; this slice's columns are kept
+    // (unnormalised) in `a` and re-read by the same thread below
     float ss2 = 0.f;
+    for (int b0 = 0; b0 < d; b0 += 4 * blockDim.x) {
+        // 4 columns x m streams of loads in flight per thread
+        float xv[4][8];
 #pragma unroll
-    for (int v = 0; v < HC_VPT; v++) {
-        float acc = 0.f;
+        for (int k = 0; k < 4; k++) {
+            int i = b0 + k * blockDim.x + threadIdx.x;
 #pragma unroll
-        for (int j = 0; j < HC_M; j++)
-            if (j < m) acc += pre[j] * xr[j][v];
-        av[v] = acc;
-        ss2 += acc * acc;
+            for (int j = 0; j < 8; j++) xv[k][j] = (j < m && i < d) ? xt[(u64)j * d + i] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int i = b0 + k * blockDim.x + threadIdx.x;
+            float v = 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (j < m) v += pre[j] * xv[k][j];
+            if (i < d && i >= c0 && i < c0 + cs) at[i] = v;
+            ss2 += v * v;
+        }
     }
     ss2 = block_sum(ss2, sh);
     float inv = 1.f / sqrtf(ss2 / (float)d + rms_eps);
-#pragma unroll
-    for (int v = 0; v < HC_VPT; v++) {
-        int i = threadIdx.x + v * blockDim.x;
-        bool ok = i < d;
-        float val = ok ? av[v] * inv * norm_w[i] : 0.f;
+    for (int b0 = c0; b0 < c0 + cs; b0 += blockDim.x) {
+        int i = b0 + threadIdx.x;
+        bool ok = i < c0 + cs;
+        float val = ok ? at[i] * inv * norm_w[i] : 0.f;
         if (ok) at[i] = val;
-        // uniform: a whole warp (256-group) is in or out of [0, d)
-        if ((q0 || qk) && v * (int)blockDim.x < d) quant_vals(val, ok, (u64)t * d + i, q0, d0, qk, dk);
+        if (q0 || qk) quant_vals(val, ok, (u64)t * d + i, q0, d0, qk, dk);
     }
 }
 
 // HcPost in place: x[t][k] = post[k] f[t] + sum_j comb[j][k] x[t][j].
-// All loads first (d <= HC_VPT * blockDim): in-place stores would otherwise
-// keep the compiler from overlapping one iteration's loads with the next.
-extern "C" __global__ void __launch_bounds__(1024) hc_post(float* x, const float* f, const float* hw, int d, int m) {
+// Grid (tokens, ceil(d / blockDim)): one column per thread, all its loads
+// independent.
+extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, int d, int m) {
     int t = blockIdx.x;
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= d) return;
     const float* w = hw + (u64)t * (m + m * m);
     float* xt = x + (u64)t * m * d;
-    float r[HC_M][HC_VPT], fi[HC_VPT];
+    float r[8];
 #pragma unroll
-    for (int v = 0; v < HC_VPT; v++) {
-        int i = threadIdx.x + v * blockDim.x;
-        fi[v] = (i < d) ? f[(u64)t * d + i] : 0.f;
+    for (int j = 0; j < 8; j++) r[j] = (j < m) ? xt[(u64)j * d + i] : 0.f;
+    float fi = f[(u64)t * d + i];
+    for (int k = 0; k < m; k++) {
+        float v = w[k] * fi;
 #pragma unroll
-        for (int j = 0; j < HC_M; j++) r[j][v] = (j < m && i < d) ? xt[(u64)j * d + i] : 0.f;
-    }
-    float wp[HC_M], wc[HC_M][HC_M];
-#pragma unroll
-    for (int k = 0; k < HC_M; k++) {
-        wp[k] = (k < m) ? w[k] : 0.f;
-#pragma unroll
-        for (int j = 0; j < HC_M; j++) wc[j][k] = (j < m && k < m) ? w[m + j * m + k] : 0.f;
-    }
-#pragma unroll
-    for (int v = 0; v < HC_VPT; v++) {
-        int i = threadIdx.x + v * blockDim.x;
-        if (i >= d) continue;
-#pragma unroll
-        for (int k = 0; k < HC_M; k++) {
-            if (k >= m) continue;
-            float o = wp[k] * fi[v];
-#pragma unroll
-            for (int j = 0; j < HC_M; j++)
-                if (j < m) o += wc[j][k] * r[j][v];
-            xt[(u64)k * d + i] = o;
-        }
+        for (int j = 0; j < 8; j++)
+            if (j < m) v += w[m + j * m + k] * r[j];
+        xt[(u64)k * d + i] = v;
     }
 }
 
@@ -199,9 +212,7 @@ extern "C" __global__ void hc_head(const float* x, const float* mixes, const flo
     int t = blockIdx.x;
     const float* xt = x + (u64)t * m * d;
     int md = m * d;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < md; i += blockDim.x) ss += xt[i] * xt[i];
-    ss = block_sum(ss, sh);
+    float ss = block_sum(sumsq_batched(xt, md), sh);
     float r = 1.f / sqrtf(ss / (float)md + rms_eps);
     if (threadIdx.x < m) {
         float mx = mixes[(u64)t * m + threadIdx.x] * r;

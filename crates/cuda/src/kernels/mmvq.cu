@@ -18,7 +18,7 @@
 // covers one contiguous chunk of the row, every lane takes its own run of
 // values, so a warp's x loads are one contiguous run.
 //   Q8_0   : chunk 8 blocks (256 values), lane -> block lane/4, 8 values
-//   Q2_K   : chunk 1 block, lane -> values 8*lane .. +8
+//   Q2_K   : chunk 2 blocks, lane -> block lane/16, 16 values
 //   Q4_K   : chunk 1 block, lane -> values 8*lane .. +8
 //   IQ2_XXS: chunk 4 blocks, lane -> block lane/8, group lane%8 (32 values)
 
@@ -107,11 +107,24 @@ extern "C" __global__ void quant_q8(const float* x, int xs, int cols, i8* q0, fl
 // IQ2_XXS values through one byte permute: every grid value is 8, 25 or 43,
 // so a grid row is 8 codes 0..2; with the sign as +4 the 3-bit selector picks
 // the signed byte out of the pair (IQ2_POS, IQ2_NEG). `gsel` holds a grid
-// row's 8 selector nibbles, `ssel` the sign nibbles (+4) of a 7-bit sign index;
-// their OR drives two PRMTs per 8 values: 2 x 4-byte shared loads instead of
-// 2 x 8-byte ones plus negation arithmetic (the u64 look-ups bank-conflicted).
+// row's 8 selector nibbles, `sign_sel` the sign nibbles (+4) of a 7-bit sign
+// index; their OR drives two PRMTs per 8 values: one 4-byte shared load
+// instead of 2 x 8-byte ones plus negation arithmetic (the u64 look-ups
+// bank-conflicted).
 #define IQ2_POS 0x002B1908u
 #define IQ2_NEG 0x00D5E7F8u
+
+// Sign nibbles of a 7-bit IQ2 sign index by arithmetic (no table look-up:
+// shared-memory look-ups with random indices bank-conflict, and were the
+// kernel's limiter): the 8th sign is the parity of the 7 stored ones (an even
+// number of negatives, ksigns_iq2xs), then bit m moves to bit 4m+2.
+__device__ __forceinline__ u32 sign_sel(u32 i7) {
+    u32 x = i7 | ((__popc(i7) & 1u) << 7);
+    x = (x | (x << 12)) & 0x000F000Fu;
+    x = (x | (x << 6)) & 0x03030303u;
+    x = (x | (x << 3)) & 0x11111111u;
+    return x << 2;
+}
 
 // Each lane first issues the weight loads of U iterations (all independent),
 // then does their arithmetic: a warp has U chunks of its row in flight
@@ -122,7 +135,7 @@ extern "C" __global__ void quant_q8(const float* x, int xs, int cols, i8* q0, fl
 
 template <int TY, int NT>
 __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, int xqs, const float* xd, int xds, int n, int lane, int c0, int cs,
-                                         const u32* gsel, const u32* ssel, float (&acc)[NT]) {
+                                         const u32* gsel, float (&acc)[NT]) {
     if (TY == T_Q8_0) {
         int nb = cols / 32;
         int nch = (nb + 7) / 8;
@@ -156,35 +169,44 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
             }
         }
     } else if (TY == T_Q2_K) {
+        // chunk = 2 blocks; lane -> block lane/16, sub-block sb = lane%16 (16
+        // values, one scale byte): 16 values per lane halve the per-value
+        // address / scale work (the kernel is issue-bound)
         int nb = cols / 256;
-        int h = lane >> 4, j = (lane >> 2) & 3, l0 = (lane & 3) * 8, s_ = lane >> 1;
-        for (int c = c0; c < nb; c += MQ_U * cs) {
-            u32 dd[MQ_U], sc[MQ_U], q0[MQ_U], q1[MQ_U];
+        int nch = (nb + 1) / 2;
+        int sb = lane & 15;
+        int h = sb >> 3, j = (sb >> 1) & 3, half = sb & 1;
+        for (int c = c0; c < nch; c += MQ_U * cs) {
+            u32 dd[MQ_U], sc[MQ_U], q[MQ_U][4];
+            int bb[MQ_U];
 #pragma unroll
             for (int u = 0; u < MQ_U; u++) {
-                int b = c + u * cs;
-                if (b < nb) {
+                int b = (c + u * cs) * 2 + (lane >> 4);
+                bb[u] = (c + u * cs < nch && b < nb) ? b : -1;
+                if (bb[u] >= 0) {
                     const u8* blk = wr + b * 84;
                     dd[u] = *(const u32*)(blk + 80);
-                    sc[u] = blk[s_];
-                    const u32* qp = (const u32*)(blk + 16 + 32 * h + l0);
-                    q0[u] = qp[0];
-                    q1[u] = qp[1];
+                    sc[u] = blk[sb];
+                    const u32* qp = (const u32*)(blk + 16 + 32 * h + 16 * half);
+#pragma unroll
+                    for (int w = 0; w < 4; w++) q[u][w] = qp[w];
                 }
             }
 #pragma unroll
             for (int u = 0; u < MQ_U; u++) {
-                int b = c + u * cs;
-                if (b >= nb) continue;
+                if (bb[u] < 0) continue;
+                int b = bb[u];
                 float d = h2f((u16)(dd[u] & 0xffff)), dmin = h2f((u16)(dd[u] >> 16));
-                int t0 = (int)((q0[u] >> (2 * j)) & 0x03030303u), t1 = (int)((q1[u] >> (2 * j)) & 0x03030303u);
                 float fd = d * (float)(sc[u] & 15), fm = dmin * (float)(sc[u] >> 4);
+                int t4[4];
+#pragma unroll
+                for (int w = 0; w < 4; w++) t4[w] = (int)((q[u][w] >> (2 * j)) & 0x03030303u);
 #pragma unroll
                 for (int t = 0; t < NT; t++)
                     if (t < n) {
-                        int2 xv = *(const int2*)(xq + (u64)t * xqs + b * 256 + 8 * lane);
-                        int sq = __dp4a(t0, xv.x, __dp4a(t1, xv.y, 0));
-                        int sx = __dp4a(0x01010101, xv.x, __dp4a(0x01010101, xv.y, 0));
+                        int4 xv = *(const int4*)(xq + (u64)t * xqs + b * 256 + 16 * sb);
+                        int sq = __dp4a(t4[0], xv.x, __dp4a(t4[1], xv.y, __dp4a(t4[2], xv.z, __dp4a(t4[3], xv.w, 0))));
+                        int sx = __dp4a(0x01010101, xv.x, __dp4a(0x01010101, xv.y, __dp4a(0x01010101, xv.z, __dp4a(0x01010101, xv.w, 0))));
                         acc[t] += xd[(u64)t * xds + b] * (fd * (float)sq - fm * (float)sx);
                     }
             }
@@ -260,7 +282,7 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
                 int v[8];
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
-                    u32 sel = gsel[(a0 >> (8 * k)) & 255] | ssel[(a1 >> (7 * k)) & 127];
+                    u32 sel = gsel[(a0 >> (8 * k)) & 255] | sign_sel((a1 >> (7 * k)) & 127);
                     v[2 * k] = (int)__byte_perm(IQ2_POS, IQ2_NEG, sel);
                     v[2 * k + 1] = (int)__byte_perm(IQ2_POS, IQ2_NEG, sel >> 16);
                 }
@@ -279,10 +301,10 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
     }
 }
 
-// IQ2 selector tables in shared memory (see IQ2_POS): built from the grid and
-// sign tables once per block.
+// IQ2 grid selector table in shared memory (see IQ2_POS), built from the grid
+// once per block.
 template <int TY>
-__device__ __forceinline__ void stage_iq2(u32* gsel, u32* ssel) {
+__device__ __forceinline__ void stage_iq2(u32* gsel) {
     if (TY == T_IQ2_XXS) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) {
             u64 gr = IQ2XXS_GRID[i];
@@ -293,12 +315,6 @@ __device__ __forceinline__ void stage_iq2(u32* gsel, u32* ssel) {
                 sel |= (v == 8 ? 0u : v == 25 ? 1u : 2u) << (4 * m);
             }
             gsel[i] = sel;
-        }
-        for (int i = threadIdx.x; i < 128; i += blockDim.x) {
-            u32 sg = KSIGNS_IQ2XS[i], sel = 0;
-#pragma unroll
-            for (int m = 0; m < 8; m++) sel |= ((sg >> m) & 1u) << (4 * m + 2);
-            ssel[i] = sel;
         }
         __syncthreads();
     }
@@ -315,8 +331,7 @@ __device__ __forceinline__ void mq_body(const u8* W, u64 row_bytes, int rows, in
                                         float* y, int ys, int n, const int* eids, u64 expert_bytes, int x_group, const int* tiles,
                                         const u8* W2 = 0, float* y2 = 0, int pair = 0) {
     __shared__ u32 gsel[TY == T_IQ2_XXS ? 256 : 1];
-    __shared__ u32 ssel[TY == T_IQ2_XXS ? 128 : 1];
-    stage_iq2<TY>(gsel, ssel);
+    stage_iq2<TY>(gsel);
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
@@ -346,7 +361,7 @@ __device__ __forceinline__ void mq_body(const u8* W, u64 row_bytes, int rows, in
     float acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = 0.f;
-    row_dotq<TY, NT>(wr, cols, xq, xqs, xd, xds, n, lane, 0, 1, gsel, ssel, acc);
+    row_dotq<TY, NT>(wr, cols, xq, xqs, xd, xds, n, lane, 0, 1, gsel, acc);
 #pragma unroll
     for (int t = 0; t < NT; t++) {
         float v = warp_sum(acc[t]);
@@ -359,9 +374,8 @@ template <int TY, int NT>
 __device__ __forceinline__ void mqk_body(const u8* W, u64 row_bytes, int rows, int cols, const i8* xq, int xqs, const float* xd, int xds,
                                          float* y, int ys, int n, const int* eids, u64 expert_bytes, int x_group) {
     __shared__ u32 gsel[TY == T_IQ2_XXS ? 256 : 1];
-    __shared__ u32 ssel[TY == T_IQ2_XXS ? 128 : 1];
     __shared__ float red[NT][8];
-    stage_iq2<TY>(gsel, ssel);
+    stage_iq2<TY>(gsel);
     int row = blockIdx.x;
     if (eids) {
         int s = blockIdx.y;
@@ -375,7 +389,7 @@ __device__ __forceinline__ void mqk_body(const u8* W, u64 row_bytes, int rows, i
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = 0.f;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    row_dotq<TY, NT>(wr, cols, xq, xqs, xd, xds, n, lane, w, blockDim.x >> 5, gsel, ssel, acc);
+    row_dotq<TY, NT>(wr, cols, xq, xqs, xd, xds, n, lane, w, blockDim.x >> 5, gsel, acc);
 #pragma unroll
     for (int t = 0; t < NT; t++) {
         float v = warp_sum(acc[t]);

@@ -87,11 +87,17 @@ extern "C" __global__ void moe_reduce(const float* yk, const float* ysh, int k, 
     u64 total = (u64)n * d;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         u64 t = i / d, c = i % d;
-        float acc = 0.f;
-        for (int j = 0; j < k; j++) {
-            u64 row = pos ? (u64)pos[t * k + j] : t * k + j;
-            acc += yk[row * d + c];
+        // all k loads issued before the adds (k <= 16, checked on the host)
+        float v[16];
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            u64 row = (j < k) ? (pos ? (u64)pos[t * k + j] : t * k + j) : 0;
+            v[j] = (j < k) ? yk[row * d + c] : 0.f;
         }
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+            if (j < k) acc += v[j];
         if (ysh) acc += ysh[i];
         y[i] = acc;
     }

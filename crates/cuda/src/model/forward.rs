@@ -169,14 +169,17 @@ impl GpuModel {
         let (mixes, a, hw) = (self.s.mixes.ptr, self.s.a.ptr, self.s.hw.ptr);
         self.mv(hc.fn_.r(), x, md, mixes, nmix, n)?;
         let (q0, d0, qk, dk) = self.s.fa.args(self.q8, want0, wantk);
-        launch!(self.gpu, "hc_pre", (n as u32, 1, 1), (1024, 1, 1), 0;
+        // a token's columns in slices of 256 (or more) over several blocks
+        let k256 = if c.dim % 256 == 0 { c.dim / 256 } else { 1 };
+        let slices = [16usize, 8, 4, 2, 1].into_iter().find(|s| k256 % s == 0).unwrap_or(1);
+        launch!(self.gpu, "hc_pre", (n as u32, slices as u32, 1), (256, 1, 1), 0;
             x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.sinkhorn_iters as i32, c.hc_eps, c.rms_eps, a, hw,
             q0, d0, qk, dk)
     }
 
     fn hc_post(&self, x: u64, f: u64, n: usize) -> Result<()> {
         let c = &self.cfg;
-        launch!(self.gpu, "hc_post", (n as u32, 1, 1), (1024, 1, 1), 0; x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32)
+        launch!(self.gpu, "hc_post", (n as u32, c.dim.div_ceil(256) as u32, 1), (256, 1, 1), 0; x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32)
     }
 
     /// Logits of one token's HC state at x (main head or the MTP's).
