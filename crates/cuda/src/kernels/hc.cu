@@ -59,19 +59,69 @@ __device__ __forceinline__ float sumsq_batched(const float* p, int n) {
 
 // HcPre tail: from the (2+m)m mixes (fn . x, already computed) to the
 // normalised sub-block input a[t] and the post/comb weights hw[t] (m + m*m).
-// Grid (tokens, slices): every block computes the norm of x and the collapse
-// of all d columns (for the RMSNorm; both read from L2), block 0 of a token
-// also the Sinkhorn weights; block b writes (and quantises) columns
+// Grid (tokens, slices): block b writes (and quantises) columns
 // [b*cs, (b+1)*cs), cs = d / gridDim.y (a multiple of 256 when gridDim.y > 1).
+// Both norms need all columns: every block accumulates the m x m Gram matrix
+// G[j][k] = sum_i x_j[i] x_k[i] in one pass (sum x^2 = trace G, and the norm
+// of a = sum_j pre_j x_j is pre^T G pre), so no block computes the collapse of
+// columns it does not own. m <= 4 (checked on the host).
 extern "C" __global__ void hc_pre(const float* x, const float* mixes, const float* scale, const float* base,
                                   const float* norm_w, int d, int m, int iters, float hc_eps, float rms_eps,
                                   float* a, float* hw, i8* q0, float* d0, i8* qk, float* dk) {
     __shared__ float sh[32];
+    __shared__ float gsh[32][10];
     __shared__ float pre[16], mix[96], comb[64];
     int t = blockIdx.x;
     const float* xt = x + (u64)t * m * d;
     int md = m * d, nmix = (2 + m) * m;
-    float ss = block_sum(sumsq_batched(xt, md), sh);
+    // G over all columns, 4 columns x m streams of loads in flight per thread
+    float g[10];
+#pragma unroll
+    for (int q = 0; q < 10; q++) g[q] = 0.f;
+    for (int b0 = 0; b0 < d; b0 += 4 * blockDim.x) {
+        float xv[4][4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int i = b0 + k * blockDim.x + threadIdx.x;
+#pragma unroll
+            for (int j = 0; j < 4; j++) xv[k][j] = (j < m && i < d) ? xt[(u64)j * d + i] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int q = 0;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int l = j; l < 4; l++) g[q++] += xv[k][j] * xv[k][l];
+        }
+    }
+    {
+        int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+        for (int q = 0; q < 10; q++) {
+            float v = warp_sum(g[q]);
+            if (lane == 0) gsh[w][q] = v;
+        }
+        __syncthreads();
+        if (threadIdx.x < 10) {
+            float v = 0.f;
+            for (int ww = 0; ww < nw; ww++) v += gsh[ww][threadIdx.x];
+            gsh[0][threadIdx.x] = v;
+        }
+        __syncthreads();
+    }
+    float G[4][4];
+    {
+        int q = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int l = j; l < 4; l++) { G[j][l] = gsh[0][q]; G[l][j] = gsh[0][q]; q++; }
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        if (j < m) ss += G[j][j];
     float r = 1.f / sqrtf(ss / (float)md + rms_eps);
     float* out = hw + (u64)t * (m + m * m);
     if (blockIdx.y > 0) {
@@ -148,36 +198,28 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
     __syncthreads();
     float* at = a + (u64)t * d;
     int cs = d / gridDim.y, c0 = blockIdx.y * cs;
-    // collapse of every column for the norm; this slice's columns are kept
-    // (unnormalised) in `a` and re-read by the same thread below
     float ss2 = 0.f;
-    for (int b0 = 0; b0 < d; b0 += 4 * blockDim.x) {
-        // 4 columns x m streams of loads in flight per thread
-        float xv[4][8];
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            int i = b0 + k * blockDim.x + threadIdx.x;
+    for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int j = 0; j < 8; j++) xv[k][j] = (j < m && i < d) ? xt[(u64)j * d + i] : 0.f;
-        }
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            int i = b0 + k * blockDim.x + threadIdx.x;
-            float v = 0.f;
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-                if (j < m) v += pre[j] * xv[k][j];
-            if (i < d && i >= c0 && i < c0 + cs) at[i] = v;
-            ss2 += v * v;
-        }
-    }
-    ss2 = block_sum(ss2, sh);
+        for (int l = 0; l < 4; l++)
+            if (j < m && l < m) ss2 += pre[j] * pre[l] * G[j][l];
     float inv = 1.f / sqrtf(ss2 / (float)d + rms_eps);
     for (int b0 = c0; b0 < c0 + cs; b0 += blockDim.x) {
         int i = b0 + threadIdx.x;
         bool ok = i < c0 + cs;
-        float val = ok ? at[i] * inv * norm_w[i] : 0.f;
-        if (ok) at[i] = val;
+        float val = 0.f;
+        if (ok) {
+            float xv[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) xv[j] = (j < m) ? xt[(u64)j * d + i] : 0.f;
+            float v = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (j < m) v += pre[j] * xv[j];
+            val = v * inv * norm_w[i];
+            at[i] = val;
+        }
         if (q0 || qk) quant_vals(val, ok, (u64)t * d + i, q0, d0, qk, dk);
     }
 }

@@ -394,7 +394,7 @@ impl GpuModel {
     /// Upload the model's weights and allocate state scratch for `ctx` tokens,
     /// processing at most `max_chunk` tokens per pass.
     pub fn new(gpu: Gpu, cfg: &Config, w: &Weights, ctx: usize, max_chunk: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<GpuModel> {
-        if cfg.hc > 8 || cfg.n_experts > 1024 || cfg.head_dim > 512 || cfg.head_dim % 128 != 0 || cfg.index_head_dim > 1024 || cfg.n_experts_used > 16 || (2 + cfg.hc) * cfg.hc > 96 {
+        if cfg.hc > 4 || cfg.n_experts > 1024 || cfg.head_dim > 512 || cfg.head_dim % 128 != 0 || cfg.index_head_dim > 1024 || cfg.n_experts_used > 16 || (2 + cfg.hc) * cfg.hc > 96 {
             return Err(CudaError::Unsupported("model shape exceeds the CUDA kernels' limits".into()));
         }
         let total = w.blocks.len() + 2;
