@@ -177,7 +177,9 @@ impl Gpu {
 
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
         let bytes = bytes.max(4);
-        match unsafe { cu::malloc_sync(bytes) } {
+        // 16 spare bytes: kernels may read whole aligned words that straddle
+        // the end of a matrix (Q8_0's 34-byte blocks, see mmvq.cu)
+        match unsafe { cu::malloc_sync(bytes + 16) } {
             Ok(ptr) => {
                 self.allocated.set(self.allocated.get() + bytes);
                 Ok(DevBuf { ptr, bytes })
@@ -436,6 +438,17 @@ pub fn full_source() -> String {
             s.push('\n');
         }
         s.push_str(&format!("0x{v:016x}ull,"));
+    }
+    // selector nibbles of each grid row for mmvq.cu's PRMT decode: value
+    // 8 / 25 / 43 -> 0 / 1 / 2
+    s.push_str("};\n__device__ u32 IQ2_GSEL[256] = {");
+    for v in IQ2XXS_GRID.iter() {
+        let mut sel = 0u32;
+        for m in 0..8 {
+            let b = (v >> (8 * m)) & 0xff;
+            sel |= (match b { 8 => 0, 25 => 1, _ => 2 }) << (4 * m);
+        }
+        s.push_str(&format!("0x{sel:08x}u,"));
     }
     s.push_str("};\n__device__ u8 KSIGNS_IQ2XS[128] = {");
     for v in KSIGNS_IQ2XS.iter() {

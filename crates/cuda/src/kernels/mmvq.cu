@@ -17,7 +17,7 @@
 // Matvec layout (as matvec.cu): one warp per weight row; per iteration a warp
 // covers one contiguous chunk of the row, every lane takes its own run of
 // values, so a warp's x loads are one contiguous run.
-//   Q8_0   : chunk 8 blocks (256 values), lane -> block lane/4, 8 values
+//   Q8_0   : chunk 16 blocks (512 values), lane -> block lane/2, 16 values
 //   Q2_K   : chunk 2 blocks, lane -> block lane/16, 16 values
 //   Q4_K   : chunk 1 block, lane -> values 8*lane .. +8
 //   IQ2_XXS: chunk 4 blocks, lane -> block lane/8, group lane%8 (32 values)
@@ -137,22 +137,32 @@ template <int TY, int NT>
 __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, int xqs, const float* xd, int xds, int n, int lane, int c0, int cs,
                                          const u32* gsel, float (&acc)[NT]) {
     if (TY == T_Q8_0) {
+        // chunk = 16 blocks; lane -> block lane/2, half lane%2 (16 values).
+        // The 16 code bytes sit at 2 (mod 4) or 0 (mod 4): five aligned words
+        // and four funnel shifts instead of eight 2-byte loads (the kernel was
+        // L1-request bound). The fifth word may lie past the matrix end:
+        // allocations carry 16 spare bytes (Gpu::alloc).
         int nb = cols / 32;
-        int nch = (nb + 7) / 8;
-        int sub = (lane & 3) * 8;
+        int nch = (nb + 15) / 16;
+        int hf = lane & 1;
         for (int c = c0; c < nch; c += MQ_U * cs) {
-            int w0[MQ_U], w1[MQ_U], bb[MQ_U];
+            int w[MQ_U][4], bb[MQ_U];
             float dw[MQ_U];
 #pragma unroll
             for (int u = 0; u < MQ_U; u++) {
-                int b = (c + u * cs) * 8 + (lane >> 2);
+                int b = (c + u * cs) * 16 + (lane >> 1);
                 bb[u] = (c + u * cs < nch && b < nb) ? b : -1;
                 if (bb[u] >= 0) {
-                    const u8* blk = wr + b * 34;
+                    const u8* blk = wr + (u64)b * 34;
                     dw[u] = h2f(ld16(blk));
-                    const u8* qp = blk + 2 + sub;
-                    w0[u] = (int)((u32)ld16(qp) | ((u32)ld16(qp + 2) << 16));
-                    w1[u] = (int)((u32)ld16(qp + 4) | ((u32)ld16(qp + 6) << 16));
+                    u64 A = (u64)(blk + 2 + 16 * hf);
+                    const u32* A4 = (const u32*)(A & ~3ull);
+                    u32 sh = (u32)(A & 3) * 8;
+                    u32 r0 = A4[0], r1 = A4[1], r2 = A4[2], r3 = A4[3], r4 = A4[4];
+                    w[u][0] = (int)__funnelshift_r(r0, r1, sh);
+                    w[u][1] = (int)__funnelshift_r(r1, r2, sh);
+                    w[u][2] = (int)__funnelshift_r(r2, r3, sh);
+                    w[u][3] = (int)__funnelshift_r(r3, r4, sh);
                 }
             }
 #pragma unroll
@@ -162,8 +172,8 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
 #pragma unroll
                 for (int t = 0; t < NT; t++)
                     if (t < n) {
-                        int2 xv = *(const int2*)(xq + (u64)t * xqs + b * 32 + sub);
-                        int s = __dp4a(w0[u], xv.x, __dp4a(w1[u], xv.y, 0));
+                        int4 xv = *(const int4*)(xq + (u64)t * xqs + b * 32 + 16 * hf);
+                        int s = __dp4a(w[u][0], xv.x, __dp4a(w[u][1], xv.y, __dp4a(w[u][2], xv.z, __dp4a(w[u][3], xv.w, 0))));
                         acc[t] += (float)s * (dw[u] * xd[(u64)t * xds + b]);
                     }
             }
@@ -306,16 +316,7 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
 template <int TY>
 __device__ __forceinline__ void stage_iq2(u32* gsel) {
     if (TY == T_IQ2_XXS) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-            u64 gr = IQ2XXS_GRID[i];
-            u32 sel = 0;
-#pragma unroll
-            for (int m = 0; m < 8; m++) {
-                u32 v = (u32)(gr >> (8 * m)) & 0xff;
-                sel |= (v == 8 ? 0u : v == 25 ? 1u : 2u) << (4 * m);
-            }
-            gsel[i] = sel;
-        }
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) gsel[i] = IQ2_GSEL[i];
         __syncthreads();
     }
 }
