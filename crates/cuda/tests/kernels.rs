@@ -647,8 +647,12 @@ fn q8_quant_and_matvec_match_cpu() {
                 launch!(g, "quant_q8", (cols.div_ceil(256) as u32, n as u32, 1), (256, 1, 1), 0; dx.ptr, cols as i32, cols as i32, q0, d0, qk, dk).unwrap();
                 let nt = if n >= 8 { 8 } else if n >= 4 { 4 } else if n >= 2 { 2 } else { 1 };
                 let dy = g.upload(&vec![f32::NAN; n * rows]).unwrap();
-                for (kname, grid, block) in [("mq", (rows.div_ceil(8) as u32, 1, 1), (256u32, 1, 1)), ("mq", (rows.div_ceil(4) as u32, 1, 1), (128, 1, 1)), ("mqk", (rows as u32, 1, 1), (256, 1, 1))] {
-                    let name = format!("{kname}_{}_{nt}", suffix(ty));
+                let sfx: &[&str] = if ty == GgmlType::Q8_0 { &["q8_0", "q8_0s"] } else { &[suffix(ty)] };
+                for (kname, grid, block, sf) in [("mq", (rows.div_ceil(8) as u32, 1, 1), (256u32, 1, 1)), ("mq", (rows.div_ceil(4) as u32, 1, 1), (128, 1, 1)), ("mqk", (rows as u32, 1, 1), (256, 1, 1))]
+                    .into_iter()
+                    .flat_map(|(k, g, b)| sfx.iter().map(move |sf| (k, g, b, *sf)))
+                {
+                    let name = format!("{kname}_{sf}_{nt}");
                     launch!(g, &name, grid, block, 0;
                         dw.ptr, rb as u64, rows as i32, cols as i32, dq.ptr, cols as i32, dd.ptr, (cols / blk) as i32, dy.ptr, rows as i32,
                         n.min(nt) as i32, 0u64, 0u64, 1i32).unwrap();
@@ -774,7 +778,7 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     launch!(g, "swiglu", (2, 1, 1), (256, 1, 1), 0; up(&gg).ptr, up(&uu).ptr, up(&ws).ptr, ff as i32, rows as i32, 3.0f32, h.ptr, 0u64, q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr).unwrap();
     let out = g.read_f32(h.ptr, rows * ff).unwrap();
     check("swiglu", &out, ff, &q);
-    // hc_pre, 256 threads, d = 512, m = 4, two column slices per token
+    // hc_pre, 256 threads, d = 512, m = 4: a weights block and two column slices per token
     let (m, d, n) = (4usize, 512usize, 2usize);
     let nmix = (2 + m) * m;
     let x: Vec<f32> = (0..n * m * d).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
@@ -785,7 +789,7 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     let a = up(&vec![f32::NAN; n * d]);
     let hw = up(&vec![f32::NAN; n * (m + m * m)]);
     let q = bufs(n * d);
-    launch!(g, "hc_pre", (n as u32, 2, 1), (256, 1, 1), 0; up(&x).ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr,
+    launch!(g, "hc_pre", (n as u32, 3, 1), (256, 1, 1), 0; up(&x).ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr,
         q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr).unwrap();
     let out = g.read_f32(a.ptr, n * d).unwrap();
     let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();

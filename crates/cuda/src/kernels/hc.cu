@@ -59,8 +59,9 @@ __device__ __forceinline__ float sumsq_batched(const float* p, int n) {
 
 // HcPre tail: from the (2+m)m mixes (fn . x, already computed) to the
 // normalised sub-block input a[t] and the post/comb weights hw[t] (m + m*m).
-// Grid (tokens, slices): block b writes (and quantises) columns
-// [b*cs, (b+1)*cs), cs = d / gridDim.y (a multiple of 256 when gridDim.y > 1).
+// Grid (tokens, 1) or (tokens, 1 + slices): block 0 computes the HC weights,
+// block 1 + s writes (and quantises) columns [s*cs, (s+1)*cs), cs = d / slices
+// (a multiple of 256); with one block it does both.
 // Both norms need all columns: every block accumulates the m x m Gram matrix
 // G[j][k] = sum_i x_j[i] x_k[i] in one pass (sum x^2 = trace G, and the norm
 // of a = sum_j pre_j x_j is pre^T G pre), so no block computes the collapse of
@@ -124,8 +125,13 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
         if (j < m) ss += G[j][j];
     float r = 1.f / sqrtf(ss / (float)md + rms_eps);
     float* out = hw + (u64)t * (m + m * m);
-    if (blockIdx.y > 0) {
-        // other slices only need `pre`
+    // With gridDim.y > 1, block 0 of a token only computes the HC weights
+    // (the Sinkhorn's long dependent chain then runs beside the slices
+    // instead of before block 0's slice); blocks 1.. own the column slices.
+    bool comb_block = blockIdx.y == 0;
+    bool slice_block = gridDim.y == 1 || blockIdx.y > 0;
+    if (!comb_block) {
+        // slices only need `pre`
         if (threadIdx.x < m) {
             const float* mx_in = mixes + (u64)t * nmix;
             pre[threadIdx.x] = 1.f / (1.f + expf(-(mx_in[threadIdx.x] * r * scale[0] + base[threadIdx.x]))) + hc_eps;
@@ -195,9 +201,11 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
         }
         for (int i = 0; i < m * m; i++) out[m + i] = comb[i];
     }
+    if (!slice_block) return;  // the whole block: no barrier follows for it
     __syncthreads();
     float* at = a + (u64)t * d;
-    int cs = d / gridDim.y, c0 = blockIdx.y * cs;
+    int nsl = gridDim.y == 1 ? 1 : gridDim.y - 1;
+    int cs = d / nsl, c0 = (gridDim.y == 1 ? 0 : blockIdx.y - 1) * cs;
     float ss2 = 0.f;
 #pragma unroll
     for (int j = 0; j < 4; j++)

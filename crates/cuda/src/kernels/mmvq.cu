@@ -132,6 +132,8 @@ __device__ __forceinline__ u32 sign_sel(u32 i7) {
 // 4096-wide expert is only 4-16 iterations long, so latency, not bandwidth,
 // bounded the one-at-a-time loop).
 #define MQ_U 4
+// Q8_0 weights in the short-row lane mapping (same bytes as T_Q8_0)
+#define T_Q8_0S 7
 
 template <int TY, int NT>
 __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, int xqs, const float* xd, int xds, int n, int lane, int c0, int cs,
@@ -174,6 +176,44 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
                     if (t < n) {
                         int4 xv = *(const int4*)(xq + (u64)t * xqs + b * 32 + 16 * hf);
                         int s = __dp4a(w[u][0], xv.x, __dp4a(w[u][1], xv.y, __dp4a(w[u][2], xv.z, __dp4a(w[u][3], xv.w, 0))));
+                        acc[t] += (float)s * (dw[u] * xd[(u64)t * xds + b]);
+                    }
+            }
+        }
+    } else if (TY == T_Q8_0S) {
+        // Q8_0 rows of fewer than 64 blocks (q_b: 32): 16-block chunks would
+        // leave most of the MQ_U slots empty, so chunk = 8 blocks, lane ->
+        // block lane/4, 8 values (three aligned words, two funnel shifts)
+        int nb = cols / 32;
+        int nch = (nb + 7) / 8;
+        int qt = lane & 3;
+        for (int c = c0; c < nch; c += MQ_U * cs) {
+            int w[MQ_U][2], bb[MQ_U];
+            float dw[MQ_U];
+#pragma unroll
+            for (int u = 0; u < MQ_U; u++) {
+                int b = (c + u * cs) * 8 + (lane >> 2);
+                bb[u] = (c + u * cs < nch && b < nb) ? b : -1;
+                if (bb[u] >= 0) {
+                    const u8* blk = wr + (u64)b * 34;
+                    dw[u] = h2f(ld16(blk));
+                    u64 A = (u64)(blk + 2 + 8 * qt);
+                    const u32* A4 = (const u32*)(A & ~3ull);
+                    u32 sh = (u32)(A & 3) * 8;
+                    u32 r0 = A4[0], r1 = A4[1], r2 = A4[2];
+                    w[u][0] = (int)__funnelshift_r(r0, r1, sh);
+                    w[u][1] = (int)__funnelshift_r(r1, r2, sh);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < MQ_U; u++) {
+                if (bb[u] < 0) continue;
+                int b = bb[u];
+#pragma unroll
+                for (int t = 0; t < NT; t++)
+                    if (t < n) {
+                        int2 xv = *(const int2*)(xq + (u64)t * xqs + b * 32 + 8 * qt);
+                        int s = __dp4a(w[u][0], xv.x, __dp4a(w[u][1], xv.y, 0));
                         acc[t] += (float)s * (dw[u] * xd[(u64)t * xds + b]);
                     }
             }
@@ -430,6 +470,7 @@ __device__ __forceinline__ void mqk_body(const u8* W, u64 row_bytes, int rows, i
     MQG_KERNEL(mqg_##SUFFIX, TY) MQP_KERNEL(mqp_##SUFFIX, TY)
 
 MQ_TYPE(q8_0, T_Q8_0)
+MQ_TYPE(q8_0s, T_Q8_0S)
 MQ_TYPE(q2_k, T_Q2_K)
 MQ_TYPE(q4_k, T_Q4_K)
 MQ_TYPE(iq2_xxs, T_IQ2_XXS)

@@ -63,6 +63,7 @@ impl GpuModel {
                 None => self.quant(x, xs, w.cols, rows_x, w.ty)?,
             };
             let rpb = Self::mq_grid(&w).1;
+            let suffix = Self::mq_suffix(&w)?;
             return launch!(self.gpu, &format!("mqg_{suffix}"), (w.rows.div_ceil(rpb as usize) as u32, max_tiles as u32, 1), (32 * rpb, 1, 1), 0;
                 w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32, y, ys as i32, w.expert_bytes(), tiles);
         }
@@ -99,9 +100,18 @@ impl GpuModel {
         (split, rpb)
     }
 
+    /// Kernel suffix of the 8-bit products for `w`: Q8_0 rows shorter than
+    /// 64 blocks take the short-row lane mapping.
+    fn mq_suffix(w: &MatRef) -> Result<&'static str> {
+        if w.ty == GgmlType::Q8_0 && w.cols / 32 < 64 {
+            return Ok("q8_0s");
+        }
+        mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))
+    }
+
     /// y[t][r] = W xq[t] (8-bit activations) for n tokens.
     pub(crate) fn mvq(&self, w: MatRef, qa: QAct, y: u64, ys: usize, n: usize) -> Result<()> {
-        let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
+        let suffix = Self::mq_suffix(&w)?;
         let (split, rpb) = Self::mq_grid(&w);
         let mut done = 0;
         while done < n {
@@ -120,7 +130,7 @@ impl GpuModel {
 
     /// Expert matvec with 8-bit activations: y[s] = W[eids[s]] xq[s / x_group].
     pub(crate) fn mvq_experts(&self, w: MatRef, qa: QAct, x_group: usize, y: u64, ys: usize, slots: usize, eids: u64) -> Result<()> {
-        let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
+        let suffix = Self::mq_suffix(&w)?;
         let rpb = Self::mq_grid(&w).1;
         launch!(self.gpu, &format!("mq_{suffix}_1"), (w.rows.div_ceil(rpb as usize) as u32, slots as u32, 1), (32 * rpb, 1, 1), 0;
             w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32,
@@ -132,7 +142,7 @@ impl GpuModel {
     /// plain matrices, slots = 1).
     #[allow(clippy::too_many_arguments)]
     fn mvq_pair(&self, w1: MatRef, w2: MatRef, qa: QAct, x_group: usize, y1: u64, y2: u64, ys: usize, slots: usize, eids: u64) -> Result<()> {
-        let suffix = mv_suffix(w1.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w1.ty.name())))?;
+        let suffix = Self::mq_suffix(&w1)?;
         if w1.ty != w2.ty || w1.rows != w2.rows || w1.cols != w2.cols || w1.row_bytes != w2.row_bytes {
             return Err(CudaError::Unsupported("paired products need equal shapes".into()));
         }
@@ -172,7 +182,9 @@ impl GpuModel {
         // a token's columns in slices of 256 (or more) over several blocks
         let k256 = if c.dim % 256 == 0 { c.dim / 256 } else { 1 };
         let slices = [16usize, 8, 4, 2, 1].into_iter().find(|s| k256 % s == 0).unwrap_or(1);
-        launch!(self.gpu, "hc_pre", (n as u32, slices as u32, 1), (256, 1, 1), 0;
+        // block 0 of a token: the Sinkhorn weights, beside the slices
+        let gy = if slices > 1 { slices + 1 } else { 1 };
+        launch!(self.gpu, "hc_pre", (n as u32, gy as u32, 1), (256, 1, 1), 0;
             x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.sinkhorn_iters as i32, c.hc_eps, c.rms_eps, a, hw,
             q0, d0, qk, dk)
     }
