@@ -310,7 +310,7 @@ fn hc_pre_post_head_match_ops() {
     let (dx, dm, ds, db, dn) = (up(&x), up(&mixes), up(&scale), up(&base), up(&norm));
     let a = up(&vec![f32::NAN; n * d]);
     let hw = up(&vec![f32::NAN; n * (m + m * m)]);
-    launch!(g, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, dm.ptr, ds.ptr, db.ptr, dn.ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr, 0u64, 0u64, 0u64, 0u64).unwrap();
+    launch!(g, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, dm.ptr, ds.ptr, db.ptr, dn.ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr, 0u64, 0u64, 0u64, 0u64, 1i32, 0i32).unwrap();
     let ga = g.read_f32(a.ptr, n * d).unwrap();
     let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
     let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
@@ -510,7 +510,7 @@ fn index_scores_swiglu_reduce_head_embed_match_cpu() {
     let norm: Vec<f32> = (0..dd).map(|_| rng.gen_range(0.5f32..1.5)).collect();
     let hy = up(&vec![f32::NAN; dd]);
     launch!(g, "hc_head", (1, 1, 1), (256, 1, 1), 0; up(&x).ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr,
-        dd as i32, m as i32, 1e-6f32, 1e-6f32, hy.ptr).unwrap();
+        dd as i32, m as i32, 1e-6f32, 1e-6f32, hy.ptr, 1i32, 0i32).unwrap();
     let r = ops::rms_inv(&x, 1e-6);
     let wts: Vec<f32> = (0..m).map(|j| ops::sigmoid(mixes[j] * r * scale[0] + base[j]) + 1e-6).collect();
     let mut want = vec![0.0f32; dd];
@@ -790,7 +790,7 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     let hw = up(&vec![f32::NAN; n * (m + m * m)]);
     let q = bufs(n * d);
     launch!(g, "hc_pre", (n as u32, 3, 1), (256, 1, 1), 0; up(&x).ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr,
-        q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr).unwrap();
+        q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr, 1i32, 0i32).unwrap();
     let out = g.read_f32(a.ptr, n * d).unwrap();
     let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
     for t in 0..n {
@@ -821,4 +821,22 @@ fn fused_quant_outputs_match_cpu_quantisation() {
         assert!(rel_err(&gx[t * m * d..(t + 1) * m * d], &xo) < 1e-5, "sliced hc_post");
     }
     check("hc_pre", &out, d, &q);
+}
+
+/// Split-K F16 products over blocks (HC mixes at decode): the partials of a
+/// row add up to the CPU dot product, and hc_pre / hc_head add them in order.
+#[test]
+fn split_k_f16_partials_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let (rows, cols, parts) = (24usize, 16384usize, 4usize);
+    let w = random_rows(&mut rng, GgmlType::F16, rows, cols);
+    let x: Vec<f32> = (0..cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let rb = GgmlType::F16.row_bytes(cols).unwrap();
+    let y = g.upload(&vec![f32::NAN; parts * rows]).unwrap();
+    launch!(g, "mvks_f16", (rows as u32, parts as u32, 1), (256, 1, 1), 0; g.upload(&w).unwrap().ptr, rb as u64, cols as i32, g.upload(&x).unwrap().ptr, y.ptr, rows as i32).unwrap();
+    let part = g.read_f32(y.ptr, parts * rows).unwrap();
+    let got: Vec<f32> = (0..rows).map(|r| (0..parts).map(|p| part[p * rows + r]).sum()).collect();
+    let want: Vec<f32> = (0..rows).map(|r| quant::dot_f32(GgmlType::F16, &w[r * rb..(r + 1) * rb], &x)).collect();
+    assert!(rel_err(&got, &want) < 1e-5, "mvks_f16");
 }

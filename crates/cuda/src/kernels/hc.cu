@@ -68,13 +68,19 @@ __device__ __forceinline__ float sumsq_batched(const float* p, int n) {
 // columns it does not own. m <= 4 (checked on the host).
 extern "C" __global__ void hc_pre(const float* x, const float* mixes, const float* scale, const float* base,
                                   const float* norm_w, int d, int m, int iters, float hc_eps, float rms_eps,
-                                  float* a, float* hw, i8* q0, float* d0, i8* qk, float* dk) {
+                                  float* a, float* hw, i8* q0, float* d0, i8* qk, float* dk, int nparts, int pstride) {
     __shared__ float sh[32];
     __shared__ float gsh[32][10];
-    __shared__ float pre[16], mix[96], comb[64];
+    __shared__ float pre[16], mix[96], comb[64], msum[96];
     int t = blockIdx.x;
     const float* xt = x + (u64)t * m * d;
     int md = m * d, nmix = (2 + m) * m;
+    // the mixes arrive as nparts partial sums (split-K products), added in order
+    if (threadIdx.x < nmix) {
+        float v = 0.f;
+        for (int p = 0; p < nparts; p++) v += mixes[(u64)p * pstride + (u64)t * nmix + threadIdx.x];
+        msum[threadIdx.x] = v;
+    }
     // G over all columns, 4 columns x m streams of loads in flight per thread
     float g[10];
 #pragma unroll
@@ -133,7 +139,7 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
     if (!comb_block) {
         // slices only need `pre`
         if (threadIdx.x < m) {
-            const float* mx_in = mixes + (u64)t * nmix;
+            const float* mx_in = msum;
             pre[threadIdx.x] = 1.f / (1.f + expf(-(mx_in[threadIdx.x] * r * scale[0] + base[threadIdx.x]))) + hc_eps;
         }
     } else if (m == 4) {
@@ -141,7 +147,7 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
         // sums are xor-shuffles over 1, 2 and column sums over 4, 8
         if (threadIdx.x < 32) {
             int l = threadIdx.x;
-            const float* mx_in = mixes + (u64)t * nmix;
+            const float* mx_in = msum;
             if (l < 4) {
                 pre[l] = 1.f / (1.f + expf(-(mx_in[l] * r * scale[0] + base[l]))) + hc_eps;
                 out[l] = 2.f / (1.f + expf(-(mx_in[4 + l] * r * scale[1] + base[4 + l])));
@@ -171,7 +177,7 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
             if (valid) out[4 + l] = c;
         }
     } else if (threadIdx.x == 0) {
-        for (int i = 0; i < nmix; i++) mix[i] = mixes[(u64)t * nmix + i] * r;
+        for (int i = 0; i < nmix; i++) mix[i] = msum[i] * r;
         for (int j = 0; j < m; j++) {
             pre[j] = 1.f / (1.f + expf(-(mix[j] * scale[0] + base[j]))) + hc_eps;
             out[j] = 2.f / (1.f + expf(-(mix[m + j] * scale[1] + base[m + j])));
@@ -256,7 +262,7 @@ extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, in
 
 // HcHead + final RMSNorm: y[t] = RMSNorm(sum_j w_j X[j], norm), w from m mixes.
 extern "C" __global__ void hc_head(const float* x, const float* mixes, const float* scale, const float* base,
-                                   const float* norm_w, int d, int m, float hc_eps, float rms_eps, float* y) {
+                                   const float* norm_w, int d, int m, float hc_eps, float rms_eps, float* y, int nparts, int pstride) {
     __shared__ float sh[32];
     __shared__ float w[16];
     int t = blockIdx.x;
@@ -265,7 +271,9 @@ extern "C" __global__ void hc_head(const float* x, const float* mixes, const flo
     float ss = block_sum(sumsq_batched(xt, md), sh);
     float r = 1.f / sqrtf(ss / (float)md + rms_eps);
     if (threadIdx.x < m) {
-        float mx = mixes[(u64)t * m + threadIdx.x] * r;
+        float mv = 0.f;
+        for (int p = 0; p < nparts; p++) mv += mixes[(u64)p * pstride + (u64)t * m + threadIdx.x];
+        float mx = mv * r;
         w[threadIdx.x] = 1.f / (1.f + expf(-(mx * scale[0] + base[threadIdx.x]))) + hc_eps;
     }
     __syncthreads();

@@ -286,6 +286,37 @@ __device__ __forceinline__ void mvk_body(const u8* W, u64 row_bytes, int rows, i
     }
 }
 
+// Split-K over blocks too: block (row, part) sums the chunks part, part +
+// parts, ... of its row and writes a partial to y + part * pstride; the
+// consumer adds the gridDim.y partials in order (deterministic). For the HC
+// mix products (24 rows of 16384): one block per row left them latency-bound.
+template <int TY>
+__device__ __forceinline__ void mvks_body(const u8* W, u64 row_bytes, int cols, const float* x, float* y, int pstride) {
+    __shared__ u64 grid_tab[TY == T_IQ2_XXS ? 256 : 1];
+    __shared__ u8 sign_tab[TY == T_IQ2_XXS ? 128 : 1];
+    __shared__ float red[8];
+    if (TY == T_IQ2_XXS) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_tab[i] = IQ2XXS_GRID[i];
+        for (int i = threadIdx.x; i < 128; i += blockDim.x) sign_tab[i] = KSIGNS_IQ2XS[i];
+        __syncthreads();
+    }
+    int row = blockIdx.x;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    float acc[1] = {0.f};
+    row_dot<TY, 1>(W + (u64)row * row_bytes, cols, x, 0, 1, lane, blockIdx.y * nw + w, gridDim.y * nw, grid_tab, sign_tab, acc);
+    float v = warp_sum(acc[0]);
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        v = (lane < nw) ? red[lane] : 0.f;
+        v = warp_sum(v);
+        if (lane == 0) y[(u64)blockIdx.y * pstride + row] = v;
+    }
+}
+extern "C" __global__ void mvks_f16(const u8* W, u64 row_bytes, int cols, const float* x, float* y, int pstride) {
+    mvks_body<T_F16>(W, row_bytes, cols, x, y, pstride);
+}
+
 #define MV_KERNEL(NAME, TY, NT)                                                                                              \
     extern "C" __global__ void NAME(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, \
                                     int n, const int* eids, u64 expert_bytes, int x_group, int stage) {                       \

@@ -174,10 +174,9 @@ impl GpuModel {
     /// hc_pre also writes those 8-bit copies (8-bit mode).
     fn hc_pre(&self, hc: &GHc, norm: u64, x: u64, n: usize, want0: bool, wantk: bool) -> Result<()> {
         let c = self.cfg.clone();
-        let md = c.hc * c.dim;
         let nmix = (2 + c.hc) * c.hc;
         let (mixes, a, hw) = (self.s.mixes.ptr, self.s.a.ptr, self.s.hw.ptr);
-        self.mv(hc.fn_.r(), x, md, mixes, nmix, n)?;
+        let (nparts, pstride) = self.hc_mixes(hc, x, n, nmix)?;
         let (q0, d0, qk, dk) = self.s.fa.args(self.q8, want0, wantk);
         // a token's columns in slices of 256 (or more) over several blocks
         let k256 = if c.dim % 256 == 0 { c.dim / 256 } else { 1 };
@@ -186,7 +185,23 @@ impl GpuModel {
         let gy = if slices > 1 { slices + 1 } else { 1 };
         launch!(self.gpu, "hc_pre", (n as u32, gy as u32, 1), (256, 1, 1), 0;
             x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.sinkhorn_iters as i32, c.hc_eps, c.rms_eps, a, hw,
-            q0, d0, qk, dk)
+            q0, d0, qk, dk, nparts, pstride)
+    }
+
+    /// The HC mix products fn . x (`rows` of them per token) into the `mixes`
+    /// scratch; returns (partials, stride) for hc_pre / hc_head to add. A
+    /// single decode token splits each long F16 row over 4 blocks.
+    fn hc_mixes(&self, hc: &GHc, x: u64, n: usize, rows: usize) -> Result<(i32, i32)> {
+        let c = &self.cfg;
+        let md = c.hc * c.dim;
+        const PARTS: usize = 4;
+        if n == 1 && hc.fn_.ty == GgmlType::F16 && md % 8 == 0 && PARTS * rows <= self.s.n * (2 + c.hc) * c.hc {
+            launch!(self.gpu, "mvks_f16", (rows as u32, PARTS as u32, 1), (256, 1, 1), 0;
+                hc.fn_.buf.ptr, hc.fn_.row_bytes as u64, md as i32, x, self.s.mixes.ptr, rows as i32)?;
+            return Ok((PARTS as i32, rows as i32));
+        }
+        self.mv(hc.fn_.r(), x, md, self.s.mixes.ptr, rows, n)?;
+        Ok((1, 0))
     }
 
     fn hc_post(&self, x: u64, f: u64, n: usize) -> Result<()> {
@@ -203,11 +218,10 @@ impl GpuModel {
     /// Queue the head computation; logits land in the scratch `logits` buffer.
     pub(crate) fn enqueue_head(&self, hc: &GHc, norm: u64, x: u64) -> Result<()> {
         let c = self.cfg.clone();
-        let md = c.hc * c.dim;
         let (mixes, hy, logits) = (self.s.mixes.ptr, self.s.head_y.ptr, self.s.logits.ptr);
-        self.mv(hc.fn_.r(), x, md, mixes, c.hc, 1)?;
+        let (nparts, pstride) = self.hc_mixes(hc, x, 1, c.hc)?;
         launch!(self.gpu, "hc_head", (1, 1, 1), (1024, 1, 1), 0;
-            x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.hc_eps, c.rms_eps, hy)?;
+            x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.hc_eps, c.rms_eps, hy, nparts, pstride)?;
         self.mv(self.output.r(), hy, c.dim, logits, c.vocab, 1)
     }
 
@@ -364,7 +378,14 @@ impl GpuModel {
         let (_, j_kv) = self.gpu.on_side(1, || -> Result<()> {
             self.mv_fused(b.kv.r(), a, c.dim, kv, hd, n, &self.s.fa)?;
             launch!(self.gpu, "row_finish", (n as u32, 1, 1), (128, 1, 1), 0;
-                kv, hd as i32, 1i32, rd as i32, omega, pp, b.kv_norm.ptr, c.rms_eps, 1i32, self.ablate_kv_fp8 as i32)
+                kv, hd as i32, 1i32, rd as i32, omega, pp, b.kv_norm.ptr, c.rms_eps, 1i32, self.ablate_kv_fp8 as i32)?;
+            if n == 1 {
+                // a single token's ring slot (p mod window) holds position
+                // p - window, outside its own window: store it here, off the
+                // critical path (a chunk must store after its attention)
+                launch!(self.gpu, "ring_store", (1, 1, 1), (128, 1, 1), 0; kv, st.ring.ptr, 1i32, pp, c.window as i32, hd as i32)?;
+            }
+            Ok(())
         })?;
         let (_, j_comp) = self.gpu.on_side(2, || -> Result<()> {
             if let (Some(cp), Some(kvs), Some(scs), Some(rows)) = (&b.comp, &st.comp_kv, &st.comp_sc, &st.rows) {
@@ -436,7 +457,9 @@ impl GpuModel {
                 part, nsplit as i32, b.sinks.ptr, h as i32, hd as i32, rd as i32, omega, pp, o)?;
         }
         let stored = n.min(c.window);
-        launch!(self.gpu, "ring_store", (stored as u32, 1, 1), (128, 1, 1), 0; kv, st.ring.ptr, n as i32, pp, c.window as i32, hd as i32)?;
+        if n > 1 {
+            launch!(self.gpu, "ring_store", (stored as u32, 1, 1), (128, 1, 1), 0; kv, st.ring.ptr, n as i32, pp, c.window as i32, hd as i32)?;
+        }
         // grouped low-rank output projection
         let (g, ro) = (c.o_groups, c.o_lora_rank);
         let gw = h * hd / g;
