@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// synthetic: timed decode steps per frontier.
     #[arg(long, default_value_t = 32)]
     pub steps: usize,
+    /// synthetic: precision of the RoPE dims of compressed KV rows in the state (f32 or bf16).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    pub kv_rope: dsv4_engine::pack::RopeStore,
     /// synthetic: prompt tokens for the prefill measurement (0 = skip).
     #[arg(long, default_value_t = 2048)]
     pub prefill: usize,
@@ -171,7 +174,7 @@ fn synthetic(a: &BenchArgs) -> Result<()> {
         .split(',')
         .map(|x| x.trim().parse::<usize>().with_context(|| format!("bad context point {x:?}")))
         .collect::<Result<Vec<_>>>()?;
-    let opts = dsv4_cuda::bench::BenchOpts { recipe, layers: a.layers, ctx_points, decode_steps: a.steps, prefill_tokens: a.prefill, max_chunk: 256 };
+    let opts = dsv4_cuda::bench::BenchOpts { recipe, layers: a.layers, ctx_points, decode_steps: a.steps, prefill_tokens: a.prefill, max_chunk: 256, kv_rope: a.kv_rope };
     dsv4_cuda::bench::run(&opts, &mut |s| println!("{s}")).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -193,7 +196,9 @@ fn synthetic_cpu(a: &BenchArgs, recipe: dsv4_cuda::synthetic::Recipe) -> Result<
     };
     let bytes = dsv4_tools::synthetic::synthetic_gguf(&cfg, r, 7).map_err(|e| anyhow::anyhow!("{e}"))?;
     let file = Arc::new(dsv4_gguf::GgufFile::from_bytes(bytes)?);
-    let model = Arc::new(Model::from_gguf(file, None)?);
+    let mut model = Model::from_gguf(file, None)?;
+    model.kv_rope = a.kv_rope;
+    let model = Arc::new(model);
     println!("# synthetic {recipe:?} model, {} of {} layers, built in RAM in {:.1} s", cfg.n_layers, full.n_layers, t.elapsed().as_secs_f64());
     let wbytes: u64 = (0..cfg.n_layers).map(|l| dsv4_cuda::synthetic::layer_decode_bytes(&cfg, l, recipe)).sum::<u64>() + dsv4_cuda::synthetic::head_decode_bytes(&cfg);
     let full_bytes: u64 = (0..full.n_layers).map(|l| dsv4_cuda::synthetic::layer_decode_bytes(&full, l, recipe)).sum::<u64>() + dsv4_cuda::synthetic::head_decode_bytes(&full);
