@@ -19,16 +19,12 @@
 __device__ __forceinline__ float ue8m0_scale(u32 e) { return e ? __uint_as_float(e << 23) : __uint_as_float(0x00400000u); }
 // 2^-E for E in [-127, 127].
 __device__ __forceinline__ float pow2_neg(int e) { return (e < 127) ? __uint_as_float((u32)(127 - e) << 23) : __uint_as_float(0x00400000u); }
-__device__ __forceinline__ float e4m3_value(u32 c) {
-    u32 e = (c >> 3) & 15, m = c & 7;
-    float a = e ? __uint_as_float(((e + 120) << 23) | (m << 20)) : (float)m * 0.001953125f;
-    return (c & 0x80) ? -a : a;
-}
-__device__ __forceinline__ float e2m1_value(u32 c) {
-    u32 i = c & 7;
-    float a = (i < 2) ? 0.5f * (float)i : __uint_as_float((((i >> 1) + 126) << 23) | ((i & 1) << 22));
-    return (c & 8) ? -a : a;
-}
+// e4m3fn code (low 8 bits of c) -> value: its bits placed as an f32 with the
+// exponent 120 too small (subnormal codes land on f32 subnormals), times 2^120.
+// Exact: a power-of-two scaling of a representable value (NaN codes are never stored).
+__device__ __forceinline__ float e4m3_value(u32 c) { return __uint_as_float(((c & 0x80u) << 24) | ((c & 0x7fu) << 20)) * 0x1p120f; }
+// e2m1 code (low 4 bits, s|eem) -> value, the same way (exponent 126 too small).
+__device__ __forceinline__ float e2m1_value(u32 c) { return __uint_as_float(((c & 8u) << 28) | ((c & 7u) << 22)) * 0x1p126f; }
 // Smallest E in [-127, 127] with a <= gmax * 2^E, where gmax = 1.gman * 2^gexp
 // (448: gexp 8, gman 0x600000; 6: gexp 2, gman 0x400000); zero_e when a == 0.
 __device__ __forceinline__ int pack_exp(float a, int gexp, u32 gman, int zero_e) {
@@ -119,16 +115,27 @@ __device__ __forceinline__ float attn_row_val(const u8* row, int c, int nope, in
     if (rope_bf16) return __uint_as_float(((u32)t[2 * j] | ((u32)t[2 * j + 1] << 8)) << 16);
     return __uint_as_float((u32)t[4 * j] | ((u32)t[4 * j + 1] << 8) | ((u32)t[4 * j + 2] << 16) | ((u32)t[4 * j + 3] << 24));
 }
-// Dims c0..c0+3 of a packed attention row (c0 % 4 == 0; the row is 4-byte aligned).
+// Dims c0..c0+3 of a packed attention row: c0 % 4 == 0, the row 4-byte
+// aligned, nope % 64 == 0 (as the FP8 sims need), so the 4 dims are all codes
+// of one block or all RoPE dims. The RoPE dims sit at any byte offset: they are
+// read as aligned words and funnel-shifted into place.
 __device__ __forceinline__ float4 attn_row4(const u8* row, int c0, int nope, int nblk, int rope_bf16) {
-    if (c0 + 4 <= nope) {
-        u32 codes = *(const u32*)(row + c0);
-        float s = ue8m0_scale(row[nope + c0 / 64]);
-        return make_float4(e4m3_value(codes & 255) * s, e4m3_value((codes >> 8) & 255) * s, e4m3_value((codes >> 16) & 255) * s,
-                           e4m3_value(codes >> 24) * s);
+    if (c0 < nope) {
+        u32 w = *(const u32*)(row + c0);
+        float s = ue8m0_scale(row[nope + (c0 >> 6)]);
+        return make_float4(e4m3_value(w) * s, e4m3_value(w >> 8) * s, e4m3_value(w >> 16) * s, e4m3_value(w >> 24) * s);
     }
-    return make_float4(attn_row_val(row, c0, nope, nblk, rope_bf16), attn_row_val(row, c0 + 1, nope, nblk, rope_bf16),
-                       attn_row_val(row, c0 + 2, nope, nblk, rope_bf16), attn_row_val(row, c0 + 3, nope, nblk, rope_bf16));
+    int o = nope + nblk + (c0 - nope) * (rope_bf16 ? 2 : 4);
+    const u32* p = (const u32*)(row + (o & ~3));
+    u32 sh = (u32)(o & 3) * 8;
+    if (rope_bf16) {
+        u32 w0 = p[0], w1 = p[1], w2 = sh ? p[2] : 0u;
+        u32 a = __funnelshift_r(w0, w1, sh), b = __funnelshift_r(w1, w2, sh);
+        return make_float4(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u), __uint_as_float(b << 16), __uint_as_float(b & 0xffff0000u));
+    }
+    u32 w0 = p[0], w1 = p[1], w2 = p[2], w3 = p[3], w4 = sh ? p[4] : 0u;
+    return make_float4(__uint_as_float(__funnelshift_r(w0, w1, sh)), __uint_as_float(__funnelshift_r(w1, w2, sh)),
+                       __uint_as_float(__funnelshift_r(w2, w3, sh)), __uint_as_float(__funnelshift_r(w3, w4, sh)));
 }
 // Dim j of a packed indexer row of d dims.
 __device__ __forceinline__ float idx_row_val(const u8* row, int j, int d) {
@@ -476,9 +483,6 @@ __device__ __forceinline__ const float* attn_key(int j, int nwin, int lo, int p0
     *packed = rows + (u64)ri * rstride;
     return 0;
 }
-__device__ __forceinline__ float4 key4(const float* kf, const u8* kp, int c0, int nope, int nblk, int rope_bf16) {
-    return kf ? *(const float4*)(kf + c0) : attn_row4(kp, c0, nope, nblk, rope_bf16);
-}
 
 extern "C" __global__ void sink_attn(const float* q, const float* fresh, const float* ring, const u8* rows, int rfmt,
                                      const int* sel, const int* cnt, const int* vis, int sel_ld, const float* sinks,
@@ -515,9 +519,15 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
         const u8* kp;
         const float* k = attn_key(j, nwin, lo, p0, win, fresh, ring, rows, rstride, selt, d, &kp);
         float4 kv[ATT_D / 128];
+        if (k) {
 #pragma unroll
-        for (int i = 0; i < ATT_D / 128; i++)
-            if (i < nd) kv[i] = key4(k, kp, i * 128 + lane * 4, nope, nblk, rope_bf16);
+            for (int i = 0; i < ATT_D / 128; i++)
+                if (i < nd) kv[i] = *(const float4*)(k + i * 128 + lane * 4);
+        } else {
+#pragma unroll
+            for (int i = 0; i < ATT_D / 128; i++)
+                if (i < nd) kv[i] = attn_row4(kp, i * 128 + lane * 4, nope, nblk, rope_bf16);
+        }
 #pragma unroll
         for (int h = 0; h < HB; h++) {
             float s = 0.f;
@@ -560,7 +570,7 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
 #pragma unroll
             for (int i = 0; i < ATT_D / 128; i++)
                 if (i < nd) {
-                    float4 kv = key4(k, kp, i * 128 + lane * 4, nope, nblk, rope_bf16);
+                    float4 kv = k ? *(const float4*)(k + i * 128 + lane * 4) : attn_row4(kp, i * 128 + lane * 4, nope, nblk, rope_bf16);
 #pragma unroll
                     for (int h = 0; h < HB; h++) {
                         float pj = z[h * max_keys + (j - j0)];
