@@ -85,8 +85,8 @@ pub fn alloc_state_for(g: &Gpu, cfg: &Config, ctx: usize, rope: RopeStore) -> Re
     (0..cfg.n_layers)
         .map(|l| {
             let r = cfg.compress_ratios.get(l).copied().unwrap_or(0);
-            let comp = (r != 0).then(|| (r, cfg.coff(l), cfg.head_dim));
-            let idx = (r != 0 && cfg.has_indexer(l)).then(|| (r, 2, cfg.index_head_dim));
+            let comp = (r != 0).then_some((r, cfg.coff(l), cfg.head_dim));
+            let idx = (r != 0 && cfg.has_indexer(l)).then_some((r, 2, cfg.index_head_dim));
             alloc_layer_state(g, cfg, ctx, rope, comp, idx)
         })
         .collect()
