@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// synthetic: prompt tokens for the prefill measurement (0 = skip).
     #[arg(long, default_value_t = 2048)]
     pub prefill: usize,
+    /// synthetic: 8-bit activations for quantised weights (`Numerics::Q8`,
+    /// as `run --q8`); default f32 activations (the reference numerics).
+    #[arg(long)]
+    pub q8: bool,
     /// Worker threads (default: rayon's default, one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -174,7 +178,7 @@ fn synthetic(a: &BenchArgs) -> Result<()> {
         .split(',')
         .map(|x| x.trim().parse::<usize>().with_context(|| format!("bad context point {x:?}")))
         .collect::<Result<Vec<_>>>()?;
-    let opts = dsv4_cuda::bench::BenchOpts { recipe, layers: a.layers, ctx_points, decode_steps: a.steps, prefill_tokens: a.prefill, max_chunk: 256, kv_rope: a.kv_rope };
+    let opts = dsv4_cuda::bench::BenchOpts { recipe, layers: a.layers, ctx_points, decode_steps: a.steps, prefill_tokens: a.prefill, max_chunk: 256, q8: a.q8, both: false, kv_rope: a.kv_rope };
     dsv4_cuda::bench::run(&opts, &mut |s| println!("{s}")).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -197,8 +201,12 @@ fn synthetic_cpu(a: &BenchArgs, recipe: dsv4_cuda::synthetic::Recipe) -> Result<
     let bytes = dsv4_tools::synthetic::synthetic_gguf(&cfg, r, 7).map_err(|e| anyhow::anyhow!("{e}"))?;
     let file = Arc::new(dsv4_gguf::GgufFile::from_bytes(bytes)?);
     let mut model = Model::from_gguf(file, None)?;
+    if a.q8 {
+        model.numerics = dsv4_engine::Numerics::Q8;
+    }
     model.kv_rope = a.kv_rope;
     let model = Arc::new(model);
+    println!("# activations: {}", if a.q8 { "8-bit for quantised weights" } else { "f32" });
     println!("# synthetic {recipe:?} model, {} of {} layers, built in RAM in {:.1} s", cfg.n_layers, full.n_layers, t.elapsed().as_secs_f64());
     let wbytes: u64 = (0..cfg.n_layers).map(|l| dsv4_cuda::synthetic::layer_decode_bytes(&cfg, l, recipe)).sum::<u64>() + dsv4_cuda::synthetic::head_decode_bytes(&cfg);
     let full_bytes: u64 = (0..full.n_layers).map(|l| dsv4_cuda::synthetic::layer_decode_bytes(&full, l, recipe)).sum::<u64>() + dsv4_cuda::synthetic::head_decode_bytes(&full);

@@ -26,6 +26,10 @@ pub struct BenchOpts {
     pub decode_steps: usize,
     pub prefill_tokens: usize,
     pub max_chunk: usize,
+    /// 8-bit activations for quantised weights (`Numerics::Q8`)
+    pub q8: bool,
+    /// measure both numerics on the one model (f32 rows, then `_q8` rows)
+    pub both: bool,
     /// RoPE dims of compressed rows in the state: f32 or bf16 (`--kv-rope`).
     pub kv_rope: dsv4_engine::pack::RopeStore,
 }
@@ -76,7 +80,9 @@ pub fn kv_decode_bytes(c: &Config, ctx: usize, rope: dsv4_engine::pack::RopeStor
 }
 
 /// Matvec kernels alone on decode-shaped matrices: GB/s of weight bytes.
-pub fn kernel_bench(m: &GpuModel, print: &mut dyn FnMut(&str)) -> Result<()> {
+/// Each case runs with f32 activations and with 8-bit ones (quantisation of x
+/// included in the time).
+pub fn kernel_bench(m: &mut GpuModel, print: &mut dyn FnMut(&str)) -> Result<()> {
     use crate::model::MatRef;
     let b = &m.blocks[m.blocks.len() - 1];
     let cases: Vec<(&str, MatRef, usize)> = vec![
@@ -90,7 +96,10 @@ pub fn kernel_bench(m: &GpuModel, print: &mut dyn FnMut(&str)) -> Result<()> {
     ];
     let x = m.s.x.ptr; // scratch wide enough for any input row
     let y = m.s.logits.ptr;
-    for (name, w, slots) in cases {
+    let keep = m.q8;
+    for (q8, (name, w, slots)) in [false, true].into_iter().flat_map(|q| cases.iter().map(move |c| (q, *c))) {
+        m.q8 = q8;
+        let m = &*m;
         let bytes = if slots > 0 { w.rows * w.row_bytes * slots } else { w.rows * w.row_bytes };
         let reps = 30;
         let run = |m: &GpuModel| -> Result<()> {
@@ -108,8 +117,10 @@ pub fn kernel_bench(m: &GpuModel, print: &mut dyn FnMut(&str)) -> Result<()> {
         }
         m.gpu.sync()?;
         let dt = t.elapsed().as_secs_f64() / reps as f64;
-        print(&format!("# kernel {name:26} {:8.1} us {:7.0} GB/s", dt * 1e6, bytes as f64 / dt / 1e9));
+        let acts = if m.uses_q8(w.ty) { "q8 " } else { "f32" };
+        print(&format!("# kernel {name:26} {acts} {:8.1} us {:7.0} GB/s", dt * 1e6, bytes as f64 / dt / 1e9));
     }
+    m.q8 = keep;
     Ok(())
 }
 
@@ -123,13 +134,26 @@ pub fn run(opts: &BenchOpts, print: &mut dyn FnMut(&str)) -> Result<()> {
     let t = Instant::now();
     let mut m = GpuModel::synthetic(gpu, &cfg, opts.recipe, max_ctx, opts.max_chunk, 7)?;
     m.kv_rope = opts.kv_rope;
+    m.q8 = opts.q8;
+    print(&format!("# activations: {}", if opts.q8 { "8-bit for quantised weights (Numerics::Q8)" } else { "f32 (reference numerics)" }));
     print(&format!("# synthetic {:?} model, {} of {} layers, built in {:.1} s, {:.1} GiB on the GPU", opts.recipe, cfg.n_layers, full.n_layers, t.elapsed().as_secs_f64(), m.gpu.allocated.get() as f64 / (1u64 << 30) as f64));
     let wbytes: u64 = (0..cfg.n_layers).map(|l| layer_decode_bytes(&cfg, l, opts.recipe)).sum::<u64>() + head_decode_bytes(&cfg);
     let full_wbytes: u64 = (0..full.n_layers).map(|l| layer_decode_bytes(&full, l, opts.recipe)).sum::<u64>() + head_decode_bytes(&full);
     print(&format!("# decode weight bytes per token: {:.3} GB for these layers, {:.3} GB for the full model", wbytes as f64 / 1e9, full_wbytes as f64 / 1e9));
     // expert ids for the kernel microbenchmark: 6 distinct experts
     m.gpu.write_i32(&m.s.eids, 0, &[3, 17, 60, 101, 200, 255])?;
-    kernel_bench(&m, print)?;
+    kernel_bench(&mut m, print)?;
+    let modes: Vec<bool> = if opts.both { vec![false, true] } else { vec![opts.q8] };
+    print("kind,layers,ctx,tokens,ms_per_token,tokens_per_s,gb_per_token,gb_per_s,ratio_to_copy_bw,full_model_ms_per_token_est,full_model_tokens_per_s_est,full_model_ratio_est");
+    for q8 in modes {
+        m.q8 = q8;
+        measure(&mut m, opts, &cfg, &full, bw, wbytes, full_wbytes, if q8 { "_q8" } else { "" }, print)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(m: &mut GpuModel, opts: &BenchOpts, cfg: &Config, full: &Config, bw: f64, wbytes: u64, full_wbytes: u64, tag: &str, print: &mut dyn FnMut(&str)) -> Result<()> {
     // head alone, to split the step into head + per-layer cost
     let x = m.s.x.ptr;
     m.enqueue_head(&m.hc_head, m.output_norm.ptr, x)?;
@@ -141,7 +165,6 @@ pub fn run(opts: &BenchOpts, print: &mut dyn FnMut(&str)) -> Result<()> {
         let _ = m.gpu.read_f32(m.s.logits.ptr, 16)?;
     }
     let t_head = t.elapsed().as_secs_f64() / reps as f64;
-    print("kind,layers,ctx,tokens,ms_per_token,tokens_per_s,gb_per_token,gb_per_s,ratio_to_copy_bw,full_model_ms_per_token_est,full_model_tokens_per_s_est,full_model_ratio_est");
     for &ctx in &opts.ctx_points {
         let mut st = m.new_state()?;
         m.fast_forward(&mut st, ctx)?;
@@ -155,14 +178,14 @@ pub fn run(opts: &BenchOpts, print: &mut dyn FnMut(&str)) -> Result<()> {
             m.eval(&mut st, &tok, Want::default())?;
         }
         let dt = t.elapsed().as_secs_f64() / opts.decode_steps as f64;
-        let bytes = wbytes + kv_decode_bytes(&cfg, ctx, opts.kv_rope);
+        let bytes = wbytes + kv_decode_bytes(cfg, ctx, opts.kv_rope);
         let gbps = bytes as f64 / dt / 1e9;
         let t_layer = (dt - t_head).max(0.0) / cfg.n_layers as f64;
         let full_dt = t_head + t_layer * full.n_layers as f64;
-        let full_bytes = full_wbytes + kv_decode_bytes(&full, ctx, opts.kv_rope);
+        let full_bytes = full_wbytes + kv_decode_bytes(full, ctx, opts.kv_rope);
         let full_ratio = full_bytes as f64 / full_dt / 1e9 / bw;
         print(&format!(
-            "decode,{},{},1,{:.3},{:.1},{:.3},{:.0},{:.3},{:.3},{:.1},{:.3}",
+            "decode{tag},{},{},1,{:.3},{:.1},{:.3},{:.0},{:.3},{:.3},{:.1},{:.3}",
             cfg.n_layers, ctx, dt * 1e3, 1.0 / dt, bytes as f64 / 1e9, gbps, gbps / bw, full_dt * 1e3, 1.0 / full_dt, full_ratio
         ));
     }
@@ -181,7 +204,7 @@ pub fn run(opts: &BenchOpts, print: &mut dyn FnMut(&str)) -> Result<()> {
         let mut v: Vec<_> = prof.into_iter().collect();
         v.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).unwrap_or(std::cmp::Ordering::Equal));
         let total: f64 = v.iter().map(|x| x.1 .0).sum();
-        print(&format!("# profile at ctx {ctx}: {:.3} ms per step in kernels (synchronised)", total * 1e3 / steps as f64));
+        print(&format!("# profile{tag} at ctx {ctx}: {:.3} ms per step in kernels (synchronised)", total * 1e3 / steps as f64));
         for (name, (t, c)) in v.iter().take(20) {
             print(&format!("#   {name:24} {:8.3} ms/step {:6} launches/step {:6.1} us/launch", t * 1e3 / steps as f64, c / steps as u64, t * 1e6 / *c as f64));
         }
@@ -216,7 +239,7 @@ pub fn run(opts: &BenchOpts, print: &mut dyn FnMut(&str)) -> Result<()> {
         let t_layer = per_tok / cfg.n_layers as f64;
         let full_per_tok = t_layer * full.n_layers as f64;
         print(&format!(
-            "prefill,{},{},{},{:.4},{:.1},,,,{:.4},{:.1},",
+            "prefill{tag},{},{},{},{:.4},{:.1},,,,{:.4},{:.1},",
             cfg.n_layers, toks.len(), toks.len(), per_tok * 1e3, 1.0 / per_tok, full_per_tok * 1e3, 1.0 / full_per_tok
         ));
     }

@@ -16,8 +16,9 @@ use sha1::{Digest, Sha1};
 
 use crate::error::{CudaError, Result};
 
-const SOURCES: [(&str, &str); 5] = [
+const SOURCES: [(&str, &str); 6] = [
     ("matvec.cu", include_str!("kernels/matvec.cu")),
+    ("mmvq.cu", include_str!("kernels/mmvq.cu")),
     ("hc.cu", include_str!("kernels/hc.cu")),
     ("attn.cu", include_str!("kernels/attn.cu")),
     ("moe.cu", include_str!("kernels/moe.cu")),
@@ -66,6 +67,9 @@ pub struct Gpu {
     capturing: std::cell::Cell<bool>,
     /// per-kernel (seconds, launches) when profiling (synchronises every launch)
     pub profile: std::cell::RefCell<Option<HashMap<String, (f64, u64)>>>,
+    /// launch kernels with programmatic dependent launch (sm_90+; env
+    /// DSV4_PDL=0 turns it off)
+    pub pdl: bool,
 }
 
 // The context is made current on whichever thread uses the Gpu (see `bind`);
@@ -111,10 +115,13 @@ impl Gpu {
             .collect::<Result<Vec<_>>>()?;
         let cubin = compile((major, minor))?;
         let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(drv("cuModuleLoadData"))?;
-        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, side, cur: 0.into(), events, next_event: 0.into(), module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default() })
+        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, side, cur: 0.into(), events, next_event: 0.into(), module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default(), pdl: major >= 9 && std::env::var("DSV4_PDL").map(|v| v != "0").unwrap_or(true) })
     }
 
-    /// Make this GPU's context current on the calling thread.
+    /// Index of the stream work is queued on now: 0 = main, i = side stream i.
+    pub fn cur_index(&self) -> usize {
+        self.cur.get()
+    }
     /// The stream work is queued on now (main unless inside `on_side`).
     pub fn cur_stream(&self) -> sys::CUstream {
         match self.cur.get() {
@@ -170,7 +177,9 @@ impl Gpu {
 
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
         let bytes = bytes.max(4);
-        match unsafe { cu::malloc_sync(bytes) } {
+        // 16 spare bytes: kernels may read whole aligned words that straddle
+        // the end of a matrix (Q8_0's 34-byte blocks, see mmvq.cu)
+        match unsafe { cu::malloc_sync(bytes + 16) } {
             Ok(ptr) => {
                 self.allocated.set(self.allocated.get() + bytes);
                 Ok(DevBuf { ptr, bytes })
@@ -264,17 +273,51 @@ impl Gpu {
             .map_err(drv("cuFuncSetAttribute"))?;
         }
         let profiling = !self.capturing.get() && self.profile.borrow().is_some();
-        let t0 = if profiling {
+        // profiling: GPU time between events recorded around the launch (the
+        // host launch overhead is not counted)
+        let evs = if profiling {
             self.sync()?;
-            Some(std::time::Instant::now())
+            let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+            let (a, b) = (cu::event::create(flags).map_err(drv("cuEventCreate"))?, cu::event::create(flags).map_err(drv("cuEventCreate"))?);
+            unsafe { cu::event::record(a, self.cur_stream()) }.map_err(drv("cuEventRecord"))?;
+            Some((a, b))
         } else {
             None
         };
-        unsafe { cu::launch_kernel(f, grid, block, shmem, self.cur_stream(), params) }
-            .map_err(|e| CudaError::Driver(format!("launch of `{name}` grid {grid:?} block {block:?}: {e:?}")))?;
-        if let Some(t0) = t0 {
-            self.sync()?;
-            let dt = t0.elapsed().as_secs_f64();
+        if self.pdl {
+            // programmatic dependent launch: this kernel may be scheduled while
+            // the previous one in the stream drains; its prologue waits
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block.0,
+                blockDimY: block.1,
+                blockDimZ: block.2,
+                sharedMemBytes: shmem,
+                hStream: self.cur_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            unsafe { sys::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()) }
+                .result()
+                .map_err(|e| CudaError::Driver(format!("launch of `{name}` grid {grid:?} block {block:?}: {e:?}")))?;
+        } else {
+            unsafe { cu::launch_kernel(f, grid, block, shmem, self.cur_stream(), params) }
+                .map_err(|e| CudaError::Driver(format!("launch of `{name}` grid {grid:?} block {block:?}: {e:?}")))?;
+        }
+        if let Some((a, b)) = evs {
+            unsafe { cu::event::record(b, self.cur_stream()) }.map_err(drv("cuEventRecord"))?;
+            unsafe { cu::stream::synchronize(self.cur_stream()) }.map_err(drv("cuStreamSynchronize (a kernel failed)"))?;
+            let ms = unsafe { cu::event::elapsed(a, b) }.map_err(drv("cuEventElapsedTime"))?;
+            unsafe {
+                let _ = cu::event::destroy(a);
+                let _ = cu::event::destroy(b);
+            }
+            let dt = ms as f64 * 1e-3;
             if let Some(p) = self.profile.borrow_mut().as_mut() {
                 let e = p.entry(name.to_string()).or_insert((0.0, 0));
                 e.0 += dt;
@@ -396,6 +439,17 @@ pub fn full_source() -> String {
         }
         s.push_str(&format!("0x{v:016x}ull,"));
     }
+    // selector nibbles of each grid row for mmvq.cu's PRMT decode: value
+    // 8 / 25 / 43 -> 0 / 1 / 2
+    s.push_str("};\n__device__ u32 IQ2_GSEL[256] = {");
+    for v in IQ2XXS_GRID.iter() {
+        let mut sel = 0u32;
+        for m in 0..8 {
+            let b = (v >> (8 * m)) & 0xff;
+            sel |= (match b { 8 => 0, 25 => 1, _ => 2 }) << (4 * m);
+        }
+        s.push_str(&format!("0x{sel:08x}u,"));
+    }
     s.push_str("};\n__device__ u8 KSIGNS_IQ2XS[128] = {");
     for v in KSIGNS_IQ2XS.iter() {
         s.push_str(&format!("{v},"));
@@ -403,10 +457,27 @@ pub fn full_source() -> String {
     s.push_str("};\n");
     for (name, src) in SOURCES {
         s.push_str(&format!("// ---- {name}\n"));
-        s.push_str(src);
+        s.push_str(&with_pdl_prologue(src));
         s.push('\n');
     }
     s
+}
+
+/// Every kernel body starts with `pdl_prologue()` (common.cuh): wait for the
+/// previous kernel in the stream to finish (programmatic dependent launch, see
+/// `Gpu::launch`), then let the next one be scheduled. Inserted here, after
+/// the `{` that opens each `__global__` function, so no kernel can miss it.
+fn with_pdl_prologue(src: &str) -> String {
+    let mut out = String::with_capacity(src.len() + 1024);
+    let mut rest = src;
+    while let Some(i) = rest.find("__global__") {
+        let Some(j) = rest[i..].find('{') else { break };
+        out.push_str(&rest[..i + j + 1]);
+        out.push_str(" pdl_prologue();");
+        rest = &rest[i + j + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn cache_dir() -> Option<PathBuf> {

@@ -60,6 +60,7 @@ impl CudaBackend {
         }
         gm.ablate_kv_fp8 = model.ablate_kv_fp8;
         gm.kv_rope = model.kv_rope;
+        gm.q8 = model.numerics == dsv4_engine::Numerics::Q8;
         let state = gm.new_state()?;
         let mtp_state = gm.new_mtp_state()?;
         Ok(CudaBackend { gpu_model: gm, state, mtp_state, cpu_model: model })

@@ -239,6 +239,7 @@ impl GpuModel {
             ablate_kv_fp8: false,
             kv_rope: Default::default(),
             use_graphs: std::env::var("DSV4_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true),
+            q8: false,
         })
     }
 

@@ -371,7 +371,7 @@ fn hc_pre_post_head_match_ops() {
     let (dx, dm, ds, db, dn) = (up(&x), up(&mixes), up(&scale), up(&base), up(&norm));
     let a = up(&vec![f32::NAN; n * d]);
     let hw = up(&vec![f32::NAN; n * (m + m * m)]);
-    launch!(g, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, dm.ptr, ds.ptr, db.ptr, dn.ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr).unwrap();
+    launch!(g, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, dm.ptr, ds.ptr, db.ptr, dn.ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr, 0u64, 0u64, 0u64, 0u64).unwrap();
     let ga = g.read_f32(a.ptr, n * d).unwrap();
     let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
     let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
@@ -622,7 +622,7 @@ fn index_scores_swiglu_reduce_head_embed_match_cpu() {
     let uu: Vec<f32> = (0..rows * ff).map(|_| rng.gen_range(-15.0f32..15.0)).collect();
     let ws: Vec<f32> = (0..rows).map(|_| rng.gen_range(0.0f32..1.0)).collect();
     let h = up(&vec![f32::NAN; rows * ff]);
-    launch!(g, "swiglu", (4, 1, 1), (64, 1, 1), 0; up(&gg).ptr, up(&uu).ptr, up(&ws).ptr, ff as i32, rows as i32, 10.0f32, h.ptr, 0u64).unwrap();
+    launch!(g, "swiglu", (4, 1, 1), (64, 1, 1), 0; up(&gg).ptr, up(&uu).ptr, up(&ws).ptr, ff as i32, rows as i32, 10.0f32, h.ptr, 0u64, 0u64, 0u64, 0u64, 0u64).unwrap();
     let gh = g.read_f32(h.ptr, rows * ff).unwrap();
     let mut wh = vec![0.0f32; rows * ff];
     for r in 0..rows {
@@ -718,4 +718,241 @@ fn grouped_expert_matvec_matches_per_slot() {
             }
         }
     }
+}
+
+/// 8-bit activation path (mmvq.cu): `quant_q8` gives the CPU's codes and
+/// scales bit for bit (Q8_0 and Q8_K), and every `mq*` product (warp-per-row,
+/// split-K, expert-indexed, grouped tiles; 1..8 tokens) matches the CPU's
+/// `matvec_q8` on odd shapes.
+#[test]
+fn q8_quant_and_matvec_match_cpu() {
+    use dsv4_gguf::kernels::{dot_q8_with, quantize_acts};
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    // quantisation: odd row counts, a row of zeros, exact ties of |max|
+    for &(rows, cols) in &[(1usize, 256usize), (3, 768), (5, 2304)] {
+        let mut x: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+        x[..256].iter_mut().for_each(|v| *v = 0.0);
+        if rows > 1 {
+            x[cols + 7] = 5.0;
+            x[cols + 9] = -5.0; // tie: the first (positive) one sets the sign
+        }
+        let xs = cols + 32; // padded input stride
+        let mut xp = vec![0.0f32; rows * xs];
+        for r in 0..rows {
+            xp[r * xs..r * xs + cols].copy_from_slice(&x[r * cols..(r + 1) * cols]);
+        }
+        let dx = g.upload(&xp).unwrap();
+        let (q0, d0) = (g.upload(&vec![0x55u8; rows * cols]).unwrap(), g.upload(&vec![f32::NAN; rows * cols / 32]).unwrap());
+        let (qk, dk) = (g.upload(&vec![0x55u8; rows * cols]).unwrap(), g.upload(&vec![f32::NAN; rows * cols / 256]).unwrap());
+        launch!(g, "quant_q8", ((cols / 256) as u32, rows as u32, 1), (256, 1, 1), 0;
+            dx.ptr, xs as i32, cols as i32, q0.ptr, d0.ptr, qk.ptr, dk.ptr).unwrap();
+        let (gq0, gd0) = (g.read_i32(q0.ptr, rows * cols / 4).unwrap(), g.read_f32(d0.ptr, rows * cols / 32).unwrap());
+        let (gqk, gdk) = (g.read_i32(qk.ptr, rows * cols / 4).unwrap(), g.read_f32(dk.ptr, rows * cols / 256).unwrap());
+        let bytes = |v: &[i32]| -> Vec<i8> { v.iter().flat_map(|w| w.to_le_bytes()).map(|b| b as i8).collect() };
+        for r in 0..rows {
+            let row = &x[r * cols..(r + 1) * cols];
+            let a0 = quantize_acts(GgmlType::Q8_0, row);
+            let ak = quantize_acts(GgmlType::Q2_K, row);
+            let (c0, ck) = (a0.q8_0().unwrap(), ak.q8_k().unwrap());
+            assert_eq!(&bytes(&gq0)[r * cols..(r + 1) * cols], &c0.qs[..], "Q8_0 codes row {r}");
+            assert_eq!(&bytes(&gqk)[r * cols..(r + 1) * cols], &ck.qs[..], "Q8_K codes row {r}");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&gd0[r * cols / 32..(r + 1) * cols / 32]), bits(&c0.d), "Q8_0 scales row {r}");
+            assert_eq!(bits(&gdk[r * cols / 256..(r + 1) * cols / 256]), bits(&ck.d), "Q8_K scales row {r}");
+        }
+    }
+    // products
+    for ty in [GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::Q4_K, GgmlType::IQ2_XXS] {
+        let blk = if ty == GgmlType::Q8_0 { 32 } else { 256 };
+        for &(rows, cols) in &[(1usize, 256usize), (7, 768), (33, 512), (5, 4352), (19, 2560)] {
+            let w = random_rows(&mut rng, ty, rows, cols);
+            let rb = ty.row_bytes(cols).unwrap();
+            for &n in &[1usize, 3, 8] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+                let acts: Vec<_> = (0..n).map(|t| quantize_acts(ty, &x[t * cols..(t + 1) * cols])).collect();
+                let mut want = vec![0.0f32; n * rows];
+                for t in 0..n {
+                    for r in 0..rows {
+                        want[t * rows + r] = dot_q8_with(ty, &w[r * rb..(r + 1) * rb], &acts[t], false);
+                    }
+                }
+                let dw = g.upload(&w).unwrap();
+                let dx = g.upload(&x).unwrap();
+                let dq = g.upload(&vec![0u8; n * cols]).unwrap();
+                let dd = g.upload(&vec![0f32; n * cols / 32]).unwrap();
+                let (q0, d0, qk, dk) = if blk == 32 { (dq.ptr, dd.ptr, 0u64, 0u64) } else { (0, 0, dq.ptr, dd.ptr) };
+                launch!(g, "quant_q8", (cols.div_ceil(256) as u32, n as u32, 1), (256, 1, 1), 0; dx.ptr, cols as i32, cols as i32, q0, d0, qk, dk).unwrap();
+                let nt = if n >= 8 { 8 } else if n >= 4 { 4 } else if n >= 2 { 2 } else { 1 };
+                let dy = g.upload(&vec![f32::NAN; n * rows]).unwrap();
+                for (kname, grid, block) in [("mq", (rows.div_ceil(8) as u32, 1, 1), (256u32, 1, 1)), ("mq", (rows.div_ceil(4) as u32, 1, 1), (128, 1, 1)), ("mqk", (rows as u32, 1, 1), (256, 1, 1))] {
+                    let name = format!("{kname}_{}_{nt}", suffix(ty));
+                    launch!(g, &name, grid, block, 0;
+                        dw.ptr, rb as u64, rows as i32, cols as i32, dq.ptr, cols as i32, dd.ptr, (cols / blk) as i32, dy.ptr, rows as i32,
+                        n.min(nt) as i32, 0u64, 0u64, 1i32).unwrap();
+                    let got = g.read_f32(dy.ptr, n.min(nt) * rows).unwrap();
+                    let e = rel_err(&got, &want[..n.min(nt) * rows]);
+                    assert!(e < 1e-5, "{name} block {block:?} rows {rows} cols {cols} n {n}: rel err {e}");
+                }
+            }
+        }
+        // expert-indexed (decode MoE): slot s = expert eids[s] times token s / k
+        let (rows, cols, n_exp, k, n_tok) = (9usize, 512usize, 5usize, 2usize, 3usize);
+        let rb = ty.row_bytes(cols).unwrap();
+        let w = random_rows(&mut rng, ty, rows * n_exp, cols);
+        let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let eids: Vec<i32> = (0..n_tok * k).map(|_| rng.gen_range(0..n_exp as i32)).collect();
+        let acts: Vec<_> = (0..n_tok).map(|t| quantize_acts(ty, &x[t * cols..(t + 1) * cols])).collect();
+        let mut want = vec![0.0f32; n_tok * k * rows];
+        for s in 0..n_tok * k {
+            let e = eids[s] as usize;
+            for r in 0..rows {
+                want[s * rows + r] = dot_q8_with(ty, &w[(e * rows + r) * rb..(e * rows + r + 1) * rb], &acts[s / k], false);
+            }
+        }
+        let (dw, dx, de) = (g.upload(&w).unwrap(), g.upload(&x).unwrap(), g.upload(&eids).unwrap());
+        let dq = g.upload(&vec![0u8; n_tok * cols]).unwrap();
+        let dd = g.upload(&vec![0f32; n_tok * cols / 32]).unwrap();
+        let (q0, d0, qk, dk) = if blk == 32 { (dq.ptr, dd.ptr, 0u64, 0u64) } else { (0, 0, dq.ptr, dd.ptr) };
+        launch!(g, "quant_q8", ((cols / 256) as u32, n_tok as u32, 1), (256, 1, 1), 0; dx.ptr, cols as i32, cols as i32, q0, d0, qk, dk).unwrap();
+        let dy = g.upload(&vec![f32::NAN; want.len()]).unwrap();
+        launch!(g, &format!("mq_{}_1", suffix(ty)), (rows.div_ceil(8) as u32, (n_tok * k) as u32, 1), (256, 1, 1), 0;
+            dw.ptr, rb as u64, rows as i32, cols as i32, dq.ptr, cols as i32, dd.ptr, (cols / blk) as i32, dy.ptr, rows as i32,
+            1i32, de.ptr, (rows * rb) as u64, k as i32).unwrap();
+        let got = g.read_f32(dy.ptr, want.len()).unwrap();
+        assert!(rel_err(&got, &want) < 1e-5, "{ty:?} q8 experts");
+        // pair mode: the same slots against a second expert stack in one launch
+        let w2 = random_rows(&mut rng, ty, rows * n_exp, cols);
+        let mut want2 = vec![0.0f32; n_tok * k * rows];
+        for s in 0..n_tok * k {
+            let e = eids[s] as usize;
+            for r in 0..rows {
+                want2[s * rows + r] = dot_q8_with(ty, &w2[(e * rows + r) * rb..(e * rows + r + 1) * rb], &acts[s / k], false);
+            }
+        }
+        let dw2 = g.upload(&w2).unwrap();
+        let (y1, y2) = (g.upload(&vec![f32::NAN; want.len()]).unwrap(), g.upload(&vec![f32::NAN; want.len()]).unwrap());
+        launch!(g, &format!("mqp_{}", suffix(ty)), (rows.div_ceil(8) as u32, (2 * n_tok * k) as u32, 1), (256, 1, 1), 0;
+            dw.ptr, rb as u64, rows as i32, cols as i32, dq.ptr, cols as i32, dd.ptr, (cols / blk) as i32, y1.ptr, rows as i32,
+            de.ptr, (rows * rb) as u64, k as i32, dw2.ptr, y2.ptr, (n_tok * k) as i32).unwrap();
+        assert!(rel_err(&g.read_f32(y1.ptr, want.len()).unwrap(), &want) < 1e-5, "{ty:?} pair, first");
+        assert!(rel_err(&g.read_f32(y2.ptr, want.len()).unwrap(), &want2) < 1e-5, "{ty:?} pair, second");
+        // grouped tiles over expert-sorted slots (prefill MoE)
+        let slots = n_tok * k;
+        let max_tiles = slots.div_ceil(8) + n_exp;
+        let order = g.upload(&vec![-1i32; slots]).unwrap();
+        let pos = g.upload(&vec![-1i32; slots]).unwrap();
+        let tiles = g.upload(&vec![-1i32; 4 * max_tiles]).unwrap();
+        let ag = g.upload(&vec![f32::NAN; slots * cols]).unwrap();
+        launch!(g, "moe_group", (1, 1, 1), (1024, 1, 1), 0; de.ptr, slots as i32, n_exp as i32, 8i32, max_tiles as i32, order.ptr, pos.ptr, tiles.ptr).unwrap();
+        launch!(g, "gather_rows", (8, 1, 1), (256, 1, 1), 0; dx.ptr, order.ptr, k as i32, cols as i32, slots as i32, ag.ptr).unwrap();
+        let dq = g.upload(&vec![0u8; slots * cols]).unwrap();
+        let dd = g.upload(&vec![0f32; slots * cols / 32]).unwrap();
+        let (q0, d0, qk, dk) = if blk == 32 { (dq.ptr, dd.ptr, 0u64, 0u64) } else { (0, 0, dq.ptr, dd.ptr) };
+        launch!(g, "quant_q8", ((cols / 256) as u32, slots as u32, 1), (256, 1, 1), 0; ag.ptr, cols as i32, cols as i32, q0, d0, qk, dk).unwrap();
+        let y = g.upload(&vec![f32::NAN; slots * rows]).unwrap();
+        launch!(g, &format!("mqg_{}", suffix(ty)), (rows.div_ceil(4) as u32, max_tiles as u32, 1), (128, 1, 1), 0;
+            dw.ptr, rb as u64, rows as i32, cols as i32, dq.ptr, cols as i32, dd.ptr, (cols / blk) as i32, y.ptr, rows as i32, (rows * rb) as u64, tiles.ptr).unwrap();
+        let got = g.read_f32(y.ptr, slots * rows).unwrap();
+        let gpos = g.read_i32(pos.ptr, slots).unwrap();
+        for s in 0..slots {
+            for r in 0..rows {
+                let (have, want) = (got[gpos[s] as usize * rows + r], want[s * rows + r]);
+                assert!((have - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} grouped slot {s} row {r}: {have} vs {want}");
+            }
+        }
+    }
+}
+
+/// Producers that write an 8-bit copy of their output (hc_pre, rmsnorm_rows,
+/// swiglu) give exactly the CPU's quantisation of their own f32 output, for
+/// both formats, with blocks of 256, 512 and 1024 threads and a grid-stride loop.
+#[test]
+fn fused_quant_outputs_match_cpu_quantisation() {
+    use dsv4_gguf::kernels::quantize_acts;
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    let up = |v: &[f32]| g.upload(v).unwrap();
+    let bufs = |len: usize| (g.upload(&vec![0x55u8; len]).unwrap(), g.upload(&vec![f32::NAN; len / 32]).unwrap(), g.upload(&vec![0x55u8; len]).unwrap(), g.upload(&vec![f32::NAN; len / 256]).unwrap());
+    let check = |name: &str, out: &[f32], cols: usize, q: &(dsv4_cuda::device::DevBuf, dsv4_cuda::device::DevBuf, dsv4_cuda::device::DevBuf, dsv4_cuda::device::DevBuf)| {
+        let len = out.len();
+        let codes = |p: u64| -> Vec<i8> { g.read_i32(p, len / 4).unwrap().iter().flat_map(|w| w.to_le_bytes()).map(|b| b as i8).collect() };
+        let (c0, ck) = (codes(q.0.ptr), codes(q.2.ptr));
+        let (s0, sk) = (g.read_f32(q.1.ptr, len / 32).unwrap(), g.read_f32(q.3.ptr, len / 256).unwrap());
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (r, row) in out.chunks_exact(cols).enumerate() {
+            let a0 = quantize_acts(GgmlType::Q8_0, row);
+            let ak = quantize_acts(GgmlType::IQ2_XXS, row);
+            let (a0, ak) = (a0.q8_0().unwrap(), ak.q8_k().unwrap());
+            assert_eq!(&c0[r * cols..(r + 1) * cols], &a0.qs[..], "{name} Q8_0 codes row {r}");
+            assert_eq!(&ck[r * cols..(r + 1) * cols], &ak.qs[..], "{name} Q8_K codes row {r}");
+            assert_eq!(bits(&s0[r * cols / 32..(r + 1) * cols / 32]), bits(&a0.d), "{name} Q8_0 scales row {r}");
+            assert_eq!(bits(&sk[r * cols / 256..(r + 1) * cols / 256]), bits(&ak.d), "{name} Q8_K scales row {r}");
+        }
+    };
+    // rmsnorm_rows, 512 threads, d = 768
+    let (d, rows) = (768usize, 3usize);
+    let x: Vec<f32> = (0..rows * d).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+    let w: Vec<f32> = (0..d).map(|_| rng.gen_range(0.5f32..1.5)).collect();
+    let (dx, dw) = (up(&x), up(&w));
+    let q = bufs(rows * d);
+    launch!(g, "rmsnorm_rows", (rows as u32, 1, 1), (512, 1, 1), 0; dx.ptr, dw.ptr, d as i32, 1e-6f32, q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr).unwrap();
+    let out = g.read_f32(dx.ptr, rows * d).unwrap();
+    let mut want = x[..d].to_vec();
+    ops::rmsnorm_inplace(&mut want, &w, 1e-6);
+    assert!(rel_err(&out[..d], &want) < 1e-5, "rmsnorm_rows value");
+    check("rmsnorm_rows", &out, d, &q);
+    // swiglu, 256 threads, 2 blocks over 6 chunks (grid-stride), with weights
+    let (ff, rows) = (512usize, 3usize);
+    let gg: Vec<f32> = (0..rows * ff).map(|_| rng.gen_range(-4.0f32..4.0)).collect();
+    let uu: Vec<f32> = (0..rows * ff).map(|_| rng.gen_range(-4.0f32..4.0)).collect();
+    let ws: Vec<f32> = (0..rows).map(|_| rng.gen_range(0.1f32..1.0)).collect();
+    let h = up(&vec![f32::NAN; rows * ff]);
+    let q = bufs(rows * ff);
+    launch!(g, "swiglu", (2, 1, 1), (256, 1, 1), 0; up(&gg).ptr, up(&uu).ptr, up(&ws).ptr, ff as i32, rows as i32, 3.0f32, h.ptr, 0u64, q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr).unwrap();
+    let out = g.read_f32(h.ptr, rows * ff).unwrap();
+    check("swiglu", &out, ff, &q);
+    // hc_pre, 256 threads, d = 512, m = 4, two column slices per token
+    let (m, d, n) = (4usize, 512usize, 2usize);
+    let nmix = (2 + m) * m;
+    let x: Vec<f32> = (0..n * m * d).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+    let mixes: Vec<f32> = (0..n * nmix).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+    let scale: Vec<f32> = (0..3).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let base: Vec<f32> = (0..nmix).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let norm: Vec<f32> = (0..d).map(|_| rng.gen_range(0.5f32..1.5)).collect();
+    let a = up(&vec![f32::NAN; n * d]);
+    let hw = up(&vec![f32::NAN; n * (m + m * m)]);
+    let q = bufs(n * d);
+    launch!(g, "hc_pre", (n as u32, 2, 1), (256, 1, 1), 0; up(&x).ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr,
+        q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr).unwrap();
+    let out = g.read_f32(a.ptr, n * d).unwrap();
+    let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
+    for t in 0..n {
+        let xt = &x[t * m * d..(t + 1) * m * d];
+        let r = ops::rms_inv(xt, 1e-6);
+        let mx: Vec<f32> = mixes[t * nmix..(t + 1) * nmix].iter().map(|v| v * r).collect();
+        let w = ops::hc_split_sinkhorn(&mx, &scale, &base, m, 20, 1e-6);
+        let mut at = vec![0.0f32; d];
+        ops::hc_collapse(xt, &w.pre, d, &mut at);
+        ops::rmsnorm_inplace(&mut at, &norm, 1e-6);
+        assert!(rel_err(&out[t * d..(t + 1) * d], &at) < 1e-5, "sliced hc_pre a");
+        let mut want_hw = w.post.clone();
+        want_hw.extend_from_slice(&w.comb);
+        assert!(rel_err(&ghw[t * (m + m * m)..(t + 1) * (m + m * m)], &want_hw) < 1e-5, "sliced hc_pre weights");
+    }
+    // hc_post over column slices of 256 (d = 512: two blocks per token)
+    let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let dx = up(&x);
+    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; dx.ptr, up(&f).ptr, hw.ptr, d as i32, m as i32).unwrap();
+    let gx = g.read_f32(dx.ptr, n * m * d).unwrap();
+    for t in 0..n {
+        let xt = &x[t * m * d..(t + 1) * m * d];
+        let r = ops::rms_inv(xt, 1e-6);
+        let mx: Vec<f32> = mixes[t * nmix..(t + 1) * nmix].iter().map(|v| v * r).collect();
+        let w = ops::hc_split_sinkhorn(&mx, &scale, &base, m, 20, 1e-6);
+        let mut xo = vec![0.0f32; m * d];
+        ops::hc_post(&f[t * d..(t + 1) * d], xt, &w, d, &mut xo);
+        assert!(rel_err(&gx[t * m * d..(t + 1) * m * d], &xo) < 1e-5, "sliced hc_post");
+    }
+    check("hc_pre", &out, d, &q);
 }

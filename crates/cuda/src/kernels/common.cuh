@@ -7,6 +7,17 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// Programmatic dependent launch (sm_90): wait until the previous kernel of
+// the stream has finished and its writes are visible, then allow the next
+// kernel to be scheduled (its blocks wait in their own prologue). Inserted at
+// the top of every kernel by device.rs; a no-op for normal launches.
+__device__ __forceinline__ void pdl_prologue() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 #define NEG_INF (__int_as_float(0xff800000))
 
 __device__ __forceinline__ float h2f(u16 h) {

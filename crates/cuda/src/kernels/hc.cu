@@ -14,32 +14,123 @@ extern "C" __global__ void embed_rows(const u8* E, int type, const int* tok, int
 }
 
 // In-place RMSNorm of `rows` rows of width d; w may be null (unweighted).
-extern "C" __global__ void rmsnorm_rows(float* x, const float* w, int d, float eps) {
+// With q0 / qk set, the result is also written in 8-bit form (quant_vals).
+// One block per row (in place: a second block of the row would read values
+// this one already normalised).
+extern "C" __global__ void rmsnorm_rows(float* x, const float* w, int d, float eps, i8* q0, float* d0, i8* qk, float* dk) {
     __shared__ float sh[32];
     float* r = x + (u64)blockIdx.x * d;
     float ss = 0.f;
+#pragma unroll 4
     for (int i = threadIdx.x; i < d; i += blockDim.x) ss += r[i] * r[i];
     ss = block_sum(ss, sh);
     float inv = 1.f / sqrtf(ss / (float)d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = r[i] * inv * (w ? w[i] : 1.f);
+    for (int b0 = 0; b0 < d; b0 += blockDim.x) {
+        int i = b0 + threadIdx.x;
+        bool ok = i < d;
+        float v = ok ? r[i] * inv * (w ? w[i] : 1.f) : 0.f;
+        if (ok) r[i] = v;
+        if (q0 || qk) quant_vals(v, ok, (u64)blockIdx.x * d + i, q0, d0, qk, dk);
+    }
 }
+
+// This thread's share of sum(p[i]^2), i < n: loads in batches of 8 per
+// thread, all issued before they are used. (A plain strided loop compiled to
+// load-use pairs: one L2 round trip per iteration, 64 in a row, which was
+// most of hc_pre's time.)
+__device__ __forceinline__ float sumsq_batched(const float* p, int n) {
+    float ss = 0.f;
+    for (int b0 = 0; b0 < n; b0 += 8 * blockDim.x) {
+        float v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            int i = b0 + k * blockDim.x + threadIdx.x;
+            v[k] = (i < n) ? p[i] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; k++) ss += v[k] * v[k];
+    }
+    return ss;
+}
+
+// HC kernels spread one token over gridDim.y blocks (a column slice each):
+// one block per token put all of a decode step's HC work (and the 8-bit
+// quantisation) on a single SM, which made these the slowest small kernels.
 
 // HcPre tail: from the (2+m)m mixes (fn . x, already computed) to the
 // normalised sub-block input a[t] and the post/comb weights hw[t] (m + m*m).
+// Grid (tokens, slices): block b writes (and quantises) columns
+// [b*cs, (b+1)*cs), cs = d / gridDim.y (a multiple of 256 when gridDim.y > 1).
+// Both norms need all columns: every block accumulates the m x m Gram matrix
+// G[j][k] = sum_i x_j[i] x_k[i] in one pass (sum x^2 = trace G, and the norm
+// of a = sum_j pre_j x_j is pre^T G pre), so no block computes the collapse of
+// columns it does not own. m <= 4 (checked on the host).
 extern "C" __global__ void hc_pre(const float* x, const float* mixes, const float* scale, const float* base,
                                   const float* norm_w, int d, int m, int iters, float hc_eps, float rms_eps,
-                                  float* a, float* hw) {
+                                  float* a, float* hw, i8* q0, float* d0, i8* qk, float* dk) {
     __shared__ float sh[32];
+    __shared__ float gsh[32][10];
     __shared__ float pre[16], mix[96], comb[64];
     int t = blockIdx.x;
     const float* xt = x + (u64)t * m * d;
     int md = m * d, nmix = (2 + m) * m;
+    // G over all columns, 4 columns x m streams of loads in flight per thread
+    float g[10];
+#pragma unroll
+    for (int q = 0; q < 10; q++) g[q] = 0.f;
+    for (int b0 = 0; b0 < d; b0 += 4 * blockDim.x) {
+        float xv[4][4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int i = b0 + k * blockDim.x + threadIdx.x;
+#pragma unroll
+            for (int j = 0; j < 4; j++) xv[k][j] = (j < m && i < d) ? xt[(u64)j * d + i] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int q = 0;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int l = j; l < 4; l++) g[q++] += xv[k][j] * xv[k][l];
+        }
+    }
+    {
+        int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+        for (int q = 0; q < 10; q++) {
+            float v = warp_sum(g[q]);
+            if (lane == 0) gsh[w][q] = v;
+        }
+        __syncthreads();
+        if (threadIdx.x < 10) {
+            float v = 0.f;
+            for (int ww = 0; ww < nw; ww++) v += gsh[ww][threadIdx.x];
+            gsh[0][threadIdx.x] = v;
+        }
+        __syncthreads();
+    }
+    float G[4][4];
+    {
+        int q = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int l = j; l < 4; l++) { G[j][l] = gsh[0][q]; G[l][j] = gsh[0][q]; q++; }
+    }
     float ss = 0.f;
-    for (int i = threadIdx.x; i < md; i += blockDim.x) ss += xt[i] * xt[i];
-    ss = block_sum(ss, sh);
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        if (j < m) ss += G[j][j];
     float r = 1.f / sqrtf(ss / (float)md + rms_eps);
     float* out = hw + (u64)t * (m + m * m);
-    if (m == 4) {
+    if (blockIdx.y > 0) {
+        // other slices only need `pre`
+        if (threadIdx.x < m) {
+            const float* mx_in = mixes + (u64)t * nmix;
+            pre[threadIdx.x] = 1.f / (1.f + expf(-(mx_in[threadIdx.x] * r * scale[0] + base[threadIdx.x]))) + hc_eps;
+        }
+    } else if (m == 4) {
         // warp 0: lanes 0..15 hold comb[j][k] (j = lane / 4, k = lane % 4); row
         // sums are xor-shuffles over 1, 2 and column sums over 4, 8
         if (threadIdx.x < 32) {
@@ -56,16 +147,20 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
             float e = expf(c - mx);
             float s = e + __shfl_xor_sync(0xffffffffu, e, 1);
             s += __shfl_xor_sync(0xffffffffu, s, 2);
-            c = e / s + hc_eps;
+            // The iterations are one long dependent chain on one warp while the
+            // block waits: multiply by a correctly rounded reciprocal (a short
+            // MUFU + refinement sequence) instead of a full IEEE division
+            // (within 1 ulp of c / s; the kernel test holds it to the CPU).
+            c = e * __frcp_rn(s) + hc_eps;
             for (int it = 0; it < iters; it++) {
                 if (it > 0) {
                     float rs = c + __shfl_xor_sync(0xffffffffu, c, 1);
                     rs += __shfl_xor_sync(0xffffffffu, rs, 2);
-                    c = c / (rs + hc_eps);
+                    c = c * __frcp_rn(rs + hc_eps);
                 }
                 float cs = c + __shfl_xor_sync(0xffffffffu, c, 4);
                 cs += __shfl_xor_sync(0xffffffffu, cs, 8);
-                c = c / (cs + hc_eps);
+                c = c * __frcp_rn(cs + hc_eps);
             }
             if (valid) out[4 + l] = c;
         }
@@ -102,35 +197,52 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
     }
     __syncthreads();
     float* at = a + (u64)t * d;
+    int cs = d / gridDim.y, c0 = blockIdx.y * cs;
     float ss2 = 0.f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = 0.f;
-        for (int j = 0; j < m; j++) v += pre[j] * xt[(u64)j * d + i];
-        at[i] = v;
-        ss2 += v * v;
-    }
-    ss2 = block_sum(ss2, sh);
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int l = 0; l < 4; l++)
+            if (j < m && l < m) ss2 += pre[j] * pre[l] * G[j][l];
     float inv = 1.f / sqrtf(ss2 / (float)d + rms_eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) at[i] = at[i] * inv * norm_w[i];
+    for (int b0 = c0; b0 < c0 + cs; b0 += blockDim.x) {
+        int i = b0 + threadIdx.x;
+        bool ok = i < c0 + cs;
+        float val = 0.f;
+        if (ok) {
+            float xv[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) xv[j] = (j < m) ? xt[(u64)j * d + i] : 0.f;
+            float v = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (j < m) v += pre[j] * xv[j];
+            val = v * inv * norm_w[i];
+            at[i] = val;
+        }
+        if (q0 || qk) quant_vals(val, ok, (u64)t * d + i, q0, d0, qk, dk);
+    }
 }
 
 // HcPost in place: x[t][k] = post[k] f[t] + sum_j comb[j][k] x[t][j].
+// Grid (tokens, ceil(d / blockDim)): one column per thread, all its loads
+// independent.
 extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, int d, int m) {
     int t = blockIdx.x;
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= d) return;
     const float* w = hw + (u64)t * (m + m * m);
     float* xt = x + (u64)t * m * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float r[8];
+    float r[8];
 #pragma unroll
-        for (int j = 0; j < 8; j++) r[j] = (j < m) ? xt[(u64)j * d + i] : 0.f;
-        float fi = f[(u64)t * d + i];
-        for (int k = 0; k < m; k++) {
-            float v = w[k] * fi;
+    for (int j = 0; j < 8; j++) r[j] = (j < m) ? xt[(u64)j * d + i] : 0.f;
+    float fi = f[(u64)t * d + i];
+    for (int k = 0; k < m; k++) {
+        float v = w[k] * fi;
 #pragma unroll
-            for (int j = 0; j < 8; j++)
-                if (j < m) v += w[m + j * m + k] * r[j];
-            xt[(u64)k * d + i] = v;
-        }
+        for (int j = 0; j < 8; j++)
+            if (j < m) v += w[m + j * m + k] * r[j];
+        xt[(u64)k * d + i] = v;
     }
 }
 
@@ -142,9 +254,7 @@ extern "C" __global__ void hc_head(const float* x, const float* mixes, const flo
     int t = blockIdx.x;
     const float* xt = x + (u64)t * m * d;
     int md = m * d;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < md; i += blockDim.x) ss += xt[i] * xt[i];
-    ss = block_sum(ss, sh);
+    float ss = block_sum(sumsq_batched(xt, md), sh);
     float r = 1.f / sqrtf(ss / (float)md + rms_eps);
     if (threadIdx.x < m) {
         float mx = mixes[(u64)t * m + threadIdx.x] * r;

@@ -60,14 +60,24 @@ extern "C" __global__ void router(const float* logits, int ne, int k, const floa
 
 // h[s][i] = silu(min(g, L)) * clamp(u, -L, L) * w[s]  (w null: 1; with widx the
 // weight of row s is w[widx[s]]: rows in expert-sorted order)
-extern "C" __global__ void swiglu(const float* g, const float* u, const float* w, int ff, int rows, float limit, float* h, const int* widx) {
+// With q0 / qk set, h is also written in 8-bit form (quant_vals; needs
+// blockDim 256 and ff % 256 == 0 for qk, ff % 32 == 0 for q0).
+extern "C" __global__ void swiglu(const float* g, const float* u, const float* w, int ff, int rows, float limit, float* h, const int* widx,
+                                  i8* q0, float* d0, i8* qk, float* dk) {
     u64 total = (u64)rows * ff;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
-        float gv = g[i], uv = u[i];
-        if (limit > 0.f) { gv = fminf(gv, limit); uv = fminf(fmaxf(uv, -limit), limit); }
-        u64 r = i / ff;
-        float ws = w ? w[widx ? widx[r] : r] : 1.f;
-        h[i] = gv / (1.f + expf(-gv)) * uv * ws;
+    for (u64 base = (u64)blockIdx.x * blockDim.x; base < total; base += (u64)gridDim.x * blockDim.x) {
+        u64 i = base + threadIdx.x;
+        bool ok = i < total;
+        float hv = 0.f;
+        if (ok) {
+            float gv = g[i], uv = u[i];
+            if (limit > 0.f) { gv = fminf(gv, limit); uv = fminf(fmaxf(uv, -limit), limit); }
+            u64 r = i / ff;
+            float ws = w ? w[widx ? widx[r] : r] : 1.f;
+            hv = gv / (1.f + expf(-gv)) * uv * ws;
+            h[i] = hv;
+        }
+        if (q0 || qk) quant_vals(hv, ok, i, q0, d0, qk, dk);
     }
 }
 
@@ -77,11 +87,17 @@ extern "C" __global__ void moe_reduce(const float* yk, const float* ysh, int k, 
     u64 total = (u64)n * d;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         u64 t = i / d, c = i % d;
-        float acc = 0.f;
-        for (int j = 0; j < k; j++) {
-            u64 row = pos ? (u64)pos[t * k + j] : t * k + j;
-            acc += yk[row * d + c];
+        // all k loads issued before the adds (k <= 16, checked on the host)
+        float v[16];
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            u64 row = (j < k) ? (pos ? (u64)pos[t * k + j] : t * k + j) : 0;
+            v[j] = (j < k) ? yk[row * d + c] : 0.f;
         }
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+            if (j < k) acc += v[j];
         if (ysh) acc += ysh[i];
         y[i] = acc;
     }

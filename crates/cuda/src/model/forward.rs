@@ -6,7 +6,12 @@ use super::*;
 
 impl GpuModel {
     /// y[t][r] = W x[t] for n tokens (x row stride xs, y row stride ys, in floats).
+    /// In 8-bit mode, quantised weights take x quantised on this stream first.
     pub fn mv(&self, w: MatRef, x: u64, xs: usize, y: u64, ys: usize, n: usize) -> Result<()> {
+        if self.uses_q8(w.ty) {
+            let qa = self.quant(x, xs, w.cols, n, w.ty)?;
+            return self.mvq(w, qa, y, ys, n);
+        }
         let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
         let mut done = 0;
         while done < n {
@@ -32,6 +37,10 @@ impl GpuModel {
 
     /// Expert matvec over `slots` (token, expert) pairs: y[s] = W[eids[s]] x[s / x_group].
     pub(crate) fn mv_experts(&self, w: MatRef, x: u64, xs: usize, x_group: usize, y: u64, ys: usize, slots: usize, eids: u64) -> Result<()> {
+        if self.uses_q8(w.ty) {
+            let qa = self.quant(x, xs, w.cols, slots.div_ceil(x_group), w.ty)?;
+            return self.mvq_experts(w, qa, x_group, y, ys, slots, eids);
+        }
         let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
         let name = format!("mv_{suffix}_1");
         let grid = (w.rows.div_ceil(4) as u32, slots as u32, 1);
@@ -46,31 +55,131 @@ impl GpuModel {
 
     /// Grouped matvec over expert-sorted rows: tile t = (matrix, first row,
     /// rows ≤ 8) of `tiles`; each weight row is read once per tile.
-    fn mv_grouped(&self, w: MatRef, x: u64, xs: usize, y: u64, ys: usize, tiles: u64, max_tiles: usize) -> Result<()> {
+    fn mv_grouped(&self, w: MatRef, x: u64, xs: usize, y: u64, ys: usize, tiles: u64, max_tiles: usize, rows_x: usize, pre: Option<QAct>) -> Result<()> {
         let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
+        if self.uses_q8(w.ty) {
+            let qa = match pre {
+                Some(qa) => qa,
+                None => self.quant(x, xs, w.cols, rows_x, w.ty)?,
+            };
+            let rpb = Self::mq_grid(&w).1;
+            return launch!(self.gpu, &format!("mqg_{suffix}"), (w.rows.div_ceil(rpb as usize) as u32, max_tiles as u32, 1), (32 * rpb, 1, 1), 0;
+                w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32, y, ys as i32, w.expert_bytes(), tiles);
+        }
         let name = format!("mvg_{suffix}");
         launch!(self.gpu, &name, (w.rows.div_ceil(4) as u32, max_tiles as u32, 1), (128, 1, 1), 0;
             w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, x, xs as i32, y, ys as i32, w.expert_bytes(), tiles)
     }
 
+    /// Whether products with weights of type `ty` use 8-bit activations now.
+    pub(crate) fn uses_q8(&self, ty: GgmlType) -> bool {
+        self.q8 && matches!(ty, GgmlType::Q8_0 | GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS)
+    }
+
+    /// Quantise `rows` vectors of `cols` floats (row stride xs) for weights of
+    /// type `ty` (Q8_0 blocks for Q8_0, Q8_K for the others) into this
+    /// stream's scratch; valid until the next `quant` on the same stream.
+    pub(crate) fn quant(&self, x: u64, xs: usize, cols: usize, rows: usize, ty: GgmlType) -> Result<QAct> {
+        let blk = if ty == GgmlType::Q8_0 { 32 } else { 256 };
+        let sc = &self.s.q8[self.gpu.cur_index()];
+        if cols % blk != 0 || rows * cols > sc.cap {
+            return Err(CudaError::Unsupported(format!("8-bit activations: {rows} x {cols} values (blocks of {blk}, scratch {})", sc.cap)));
+        }
+        let (q0, d0, qk, dk) = if blk == 32 { (sc.q.ptr, sc.d.ptr, 0u64, 0u64) } else { (0u64, 0u64, sc.q.ptr, sc.d.ptr) };
+        launch!(self.gpu, "quant_q8", (cols.div_ceil(256) as u32, rows as u32, 1), (256, 1, 1), 0;
+            x, xs as i32, cols as i32, q0, d0, qk, dk)?;
+        Ok(QAct { q: sc.q.ptr, d: sc.d.ptr, qs: cols, ds: cols / blk })
+    }
+
+    fn mq_grid(w: &MatRef) -> (bool, u32) {
+        // few long rows: a block per row (split-K); IQ2 blocks take 8 rows so
+        // the table staging is shared by more rows
+        let split = w.rows < 2048;
+        let rpb = if w.ty == GgmlType::IQ2_XXS { 8 } else { 4 };
+        (split, rpb)
+    }
+
+    /// y[t][r] = W xq[t] (8-bit activations) for n tokens.
+    pub(crate) fn mvq(&self, w: MatRef, qa: QAct, y: u64, ys: usize, n: usize) -> Result<()> {
+        let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
+        let (split, rpb) = Self::mq_grid(&w);
+        let mut done = 0;
+        while done < n {
+            let left = n - done;
+            let nt = if left >= 8 { 8 } else if left >= 4 { 4 } else if left >= 2 { 2 } else { 1 };
+            let name = format!("mq{}_{suffix}_{nt}", if split { "k" } else { "" });
+            let (grid, block) = if split { ((w.rows as u32, 1, 1), (256, 1, 1)) } else { ((w.rows.div_ceil(rpb as usize) as u32, 1, 1), (32 * rpb, 1, 1)) };
+            launch!(self.gpu, &name, grid, block, 0;
+                w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32,
+                qa.q + (done * qa.qs) as u64, qa.qs as i32, qa.d + (done * qa.ds * F) as u64, qa.ds as i32,
+                y + (done * ys * F) as u64, ys as i32, nt.min(left) as i32, 0u64, 0u64, 1i32)?;
+            done += nt.min(left);
+        }
+        Ok(())
+    }
+
+    /// Expert matvec with 8-bit activations: y[s] = W[eids[s]] xq[s / x_group].
+    pub(crate) fn mvq_experts(&self, w: MatRef, qa: QAct, x_group: usize, y: u64, ys: usize, slots: usize, eids: u64) -> Result<()> {
+        let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
+        let rpb = Self::mq_grid(&w).1;
+        launch!(self.gpu, &format!("mq_{suffix}_1"), (w.rows.div_ceil(rpb as usize) as u32, slots as u32, 1), (32 * rpb, 1, 1), 0;
+            w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32,
+            y, ys as i32, 1i32, eids, w.expert_bytes(), x_group as i32)
+    }
+
+    /// Two same-shaped products of one 8-bit input in one launch (decode):
+    /// y1[s] = W1[eids[s]] xq[s / x_group], y2[s] likewise with W2 (eids 0:
+    /// plain matrices, slots = 1).
+    #[allow(clippy::too_many_arguments)]
+    fn mvq_pair(&self, w1: MatRef, w2: MatRef, qa: QAct, x_group: usize, y1: u64, y2: u64, ys: usize, slots: usize, eids: u64) -> Result<()> {
+        let suffix = mv_suffix(w1.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w1.ty.name())))?;
+        if w1.ty != w2.ty || w1.rows != w2.rows || w1.cols != w2.cols || w1.row_bytes != w2.row_bytes {
+            return Err(CudaError::Unsupported("paired products need equal shapes".into()));
+        }
+        let rpb = Self::mq_grid(&w1).1;
+        launch!(self.gpu, &format!("mqp_{suffix}"), (w1.rows.div_ceil(rpb as usize) as u32, (2 * slots) as u32, 1), (32 * rpb, 1, 1), 0;
+            w1.ptr, w1.row_bytes as u64, w1.rows as i32, w1.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32,
+            y1, ys as i32, eids, w1.expert_bytes(), x_group as i32, w2.ptr, y2, slots as i32)
+    }
+
     fn rmsnorm_rows(&self, x: u64, w: u64, d: usize, rows: usize) -> Result<()> {
-        launch!(self.gpu, "rmsnorm_rows", (rows as u32, 1, 1), (512, 1, 1), 0; x, w, d as i32, self.cfg.rms_eps)
+        launch!(self.gpu, "rmsnorm_rows", (rows as u32, 1, 1), (512, 1, 1), 0; x, w, d as i32, self.cfg.rms_eps, 0u64, 0u64, 0u64, 0u64)
+    }
+
+    /// y = W x where `x` also exists as the fused 8-bit copy `fq` (written by
+    /// its producer): 8-bit mode uses the copy, f32 mode (or float weights) x.
+    fn mv_fused(&self, w: MatRef, x: u64, xs: usize, y: u64, ys: usize, n: usize, fq: &QFused) -> Result<()> {
+        match self.uses_q8(w.ty).then(|| fq.get(w.ty)).flatten() {
+            Some(qa) => self.mvq(w, qa, y, ys, n),
+            None => self.mv(w, x, xs, y, ys, n),
+        }
+    }
+
+    fn is_k(ty: GgmlType) -> bool {
+        matches!(ty, GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS)
     }
 
     /// HcPre for n tokens: a = RMSNorm(collapse(x)), hw = post/comb.
-    fn hc_pre(&self, hc: &GHc, norm: u64, x: u64, n: usize) -> Result<()> {
+    /// `want0` / `wantk`: consumers of `a` multiply Q8_0 / K-type weights, so
+    /// hc_pre also writes those 8-bit copies (8-bit mode).
+    fn hc_pre(&self, hc: &GHc, norm: u64, x: u64, n: usize, want0: bool, wantk: bool) -> Result<()> {
         let c = self.cfg.clone();
         let md = c.hc * c.dim;
         let nmix = (2 + c.hc) * c.hc;
         let (mixes, a, hw) = (self.s.mixes.ptr, self.s.a.ptr, self.s.hw.ptr);
         self.mv(hc.fn_.r(), x, md, mixes, nmix, n)?;
-        launch!(self.gpu, "hc_pre", (n as u32, 1, 1), (1024, 1, 1), 0;
-            x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.sinkhorn_iters as i32, c.hc_eps, c.rms_eps, a, hw)
+        let (q0, d0, qk, dk) = self.s.fa.args(self.q8, want0, wantk);
+        // a token's columns in slices of 256 (or more) over several blocks
+        let k256 = if c.dim % 256 == 0 { c.dim / 256 } else { 1 };
+        let slices = [16usize, 8, 4, 2, 1].into_iter().find(|s| k256 % s == 0).unwrap_or(1);
+        launch!(self.gpu, "hc_pre", (n as u32, slices as u32, 1), (256, 1, 1), 0;
+            x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.sinkhorn_iters as i32, c.hc_eps, c.rms_eps, a, hw,
+            q0, d0, qk, dk)
     }
 
     fn hc_post(&self, x: u64, f: u64, n: usize) -> Result<()> {
         let c = &self.cfg;
-        launch!(self.gpu, "hc_post", (n as u32, 1, 1), (1024, 1, 1), 0; x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32)
+        launch!(self.gpu, "hc_post", (n as u32, c.dim.div_ceil(256) as u32, 1), (256, 1, 1), 0; x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32)
     }
 
     /// Logits of one token's HC state at x (main head or the MTP's).
@@ -194,11 +303,17 @@ impl GpuModel {
 
     fn block_forward(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64, x: u64) -> Result<()> {
         let d = self.cfg.dim;
-        self.hc_pre(&b.hc_attn, b.attn_norm.ptr, x, n)?;
+        // 8-bit copies of `a` for the consumers: attention projections (q_a,
+        // kv) and the FFN's experts / shared expert
+        let q0 = |t: GgmlType| t == GgmlType::Q8_0;
+        self.hc_pre(&b.hc_attn, b.attn_norm.ptr, x, n, q0(b.q_a.ty) || q0(b.kv.ty), Self::is_k(b.q_a.ty) || Self::is_k(b.kv.ty))?;
         self.attention(b, st, n, p0, pp)?;
         let f = self.s.f.ptr;
         self.hc_post(x, f, n)?;
-        self.hc_pre(&b.hc_ffn, b.ffn_norm.ptr, x, n)?;
+        let sh_ty = b.shared.as_ref().map(|s| s.0.ty);
+        let want0 = q0(b.gate_exps.ty) || sh_ty.is_some_and(q0);
+        let wantk = Self::is_k(b.gate_exps.ty) || sh_ty.is_some_and(Self::is_k);
+        self.hc_pre(&b.hc_ffn, b.ffn_norm.ptr, x, n, want0, wantk)?;
         self.moe(b, n)?;
         let y = self.s.y.ptr;
         let _ = d;
@@ -238,7 +353,7 @@ impl GpuModel {
         // Independent branches, parallel in the captured graph: the kv row and
         // the two compressors (they only need `a`) beside the q path.
         let (_, j_kv) = self.gpu.on_side(1, || -> Result<()> {
-            self.mv(b.kv.r(), a, c.dim, kv, hd, n)?;
+            self.mv_fused(b.kv.r(), a, c.dim, kv, hd, n, &self.s.fa)?;
             launch!(self.gpu, "row_finish", (n as u32, 1, 1), (128, 1, 1), 0;
                 kv, hd as i32, 1i32, rd as i32, omega, pp, b.kv_norm.ptr, c.rms_eps, 1i32, self.ablate_kv_fp8 as i32)
         })?;
@@ -254,16 +369,24 @@ impl GpuModel {
             }
             Ok(())
         })?;
-        self.mv(b.q_a.r(), a, c.dim, qr, c.q_lora_rank, n)?;
-        self.rmsnorm_rows(qr, b.q_norm.ptr, c.q_lora_rank, n)?;
-        self.mv(b.q_b.r(), qr, c.q_lora_rank, q, h * hd, n)?;
+        self.mv_fused(b.q_a.r(), a, c.dim, qr, c.q_lora_rank, n, &self.s.fa)?;
+        {
+            // RMSNorm of qr, writing the 8-bit copies q_b and the indexer's q_b take
+            let iq_ty = b.idx.as_ref().map(|ix| ix.q_b.ty);
+            let want0 = b.q_b.ty == GgmlType::Q8_0 || iq_ty == Some(GgmlType::Q8_0);
+            let wantk = Self::is_k(b.q_b.ty) || iq_ty.is_some_and(Self::is_k);
+            let (q0, d0, qk, dk) = self.s.fqr.args(self.q8, want0, wantk);
+            launch!(self.gpu, "rmsnorm_rows", (n as u32, 1, 1), (512, 1, 1), 0;
+                qr, b.q_norm.ptr, c.q_lora_rank as i32, c.rms_eps, q0, d0, qk, dk)?;
+        }
+        self.mv_fused(b.q_b.r(), qr, c.q_lora_rank, q, h * hd, n, &self.s.fqr)?;
         launch!(self.gpu, "row_finish", ((n * h) as u32, 1, 1), (128, 1, 1), 0;
             q, hd as i32, h as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 0i32, 0i32)?;
         let mut use_sel = false;
         if let (Some(ix), Some(irows)) = (&b.idx, &st.idx_rows) {
             let (ih, id) = (c.index_heads, c.index_head_dim);
             let (iq, iw, vis, scores, sel, cnt) = (self.s.iq.ptr, self.s.iw.ptr, self.s.vis.ptr, self.s.scores.ptr, self.s.sel.ptr, self.s.cnt.ptr);
-            self.mv(ix.q_b.r(), qr, c.q_lora_rank, iq, ih * id, n)?;
+            self.mv_fused(ix.q_b.r(), qr, c.q_lora_rank, iq, ih * id, n, &self.s.fqr)?;
             launch!(self.gpu, "row_finish", ((n * ih) as u32, 1, 1), (128, 1, 1), 0;
                 iq, id as i32, ih as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 2i32, 0i32)?;
             self.mv(ix.proj.r(), a, c.dim, iw, ih, n)?;
@@ -293,7 +416,9 @@ impl GpuModel {
         let (sel_ptr, sel_ld) = if use_sel { (self.s.sel.ptr, c.index_topk) } else { (0u64, 0) };
         let scale = (hd as f32).powf(-0.5);
         // single-token steps split the keys over several blocks (flash-decoding)
-        let nsplit = if n == 1 { max_keys.div_ceil(64).clamp(1, MAX_SPLIT) } else { 1 };
+        // (16 keys per split at most: a warp's keys are dependent DRAM round
+        // trips, so short splits keep the kernel off the latency chain)
+        let nsplit = if n == 1 { max_keys.div_ceil(16).clamp(1, MAX_SPLIT) } else { 1 };
         let per = max_keys.div_ceil(nsplit);
         const HB: usize = 4;
         let part = self.s.part.ptr;
@@ -332,11 +457,17 @@ impl GpuModel {
             Some((w1, w3, w2)) => {
                 let (_, j) = self.gpu.on_side(1, || -> Result<()> {
                     let (sg, su, sh, ys) = (self.s.sg.ptr, self.s.su.ptr, self.s.sh.ptr, self.s.ysh.ptr);
-                    self.mv(w1.r(), a, d, sg, ff, n)?;
-                    self.mv(w3.r(), a, d, su, ff, n)?;
+                    match (n, self.uses_q8(w1.ty).then(|| self.s.fa.get(w1.ty)).flatten()) {
+                        (1, Some(qa)) if w1.ty == w3.ty && w1.rows == w3.rows => self.mvq_pair(w1.r(), w3.r(), qa, 1, sg, su, ff, 1, 0)?,
+                        _ => {
+                            self.mv_fused(w1.r(), a, d, sg, ff, n, &self.s.fa)?;
+                            self.mv_fused(w3.r(), a, d, su, ff, n, &self.s.fa)?;
+                        }
+                    }
+                    let (q0, d0, qk, dk) = self.s.fsh.args(self.q8, w2.ty == GgmlType::Q8_0, Self::is_k(w2.ty));
                     launch!(self.gpu, "swiglu", (((n * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
-                        sg, su, 0u64, ff as i32, n as i32, limit, sh, 0u64)?;
-                    self.mv(w2.r(), sh, ff, ys, d, n)
+                        sg, su, 0u64, ff as i32, n as i32, limit, sh, 0u64, q0, d0, qk, dk)?;
+                    self.mv_fused(w2.r(), sh, ff, ys, d, n, &self.s.fsh)
                 })?;
                 Some(j)
             }
@@ -351,11 +482,32 @@ impl GpuModel {
         let mut pos = 0u64;
         if n == 1 {
             // decode: one matvec per (token, expert) slot, expert id read on the device
-            self.mv_experts(b.gate_exps.r(), a, d, k, g, ff, slots, eids)?;
-            self.mv_experts(b.up_exps.r(), a, d, k, up, ff, slots, eids)?;
+            // 8-bit mode: gate / up take HcPre's fused copy of `a`, down the
+            // copy swiglu writes
+            let fa = |ty: GgmlType| self.uses_q8(ty).then(|| self.s.fa.get(ty)).flatten();
+            let (gt, ut) = (b.gate_exps.r(), b.up_exps.r());
+            match (fa(gt.ty), fa(ut.ty)) {
+                // gate and up of all slots in one launch
+                (Some(qa), Some(_)) if gt.ty == ut.ty && gt.rows == ut.rows => self.mvq_pair(gt, ut, qa, k, g, up, ff, slots, eids)?,
+                (qg, qu) => {
+                    match qg {
+                        Some(qa) => self.mvq_experts(gt, qa, k, g, ff, slots, eids)?,
+                        None => self.mv_experts(gt, a, d, k, g, ff, slots, eids)?,
+                    }
+                    match qu {
+                        Some(qa) => self.mvq_experts(ut, qa, k, up, ff, slots, eids)?,
+                        None => self.mv_experts(ut, a, d, k, up, ff, slots, eids)?,
+                    }
+                }
+            }
+            let dty = b.down_exps.ty;
+            let (q0, d0, qk, dk) = self.s.fh.args(self.q8, dty == GgmlType::Q8_0, Self::is_k(dty));
             launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
-                g, up, ew, ff as i32, slots as i32, limit, hbuf, 0u64)?;
-            self.mv_experts(b.down_exps.r(), hbuf, ff, 1, yk, d, slots, eids)?;
+                g, up, ew, ff as i32, slots as i32, limit, hbuf, 0u64, q0, d0, qk, dk)?;
+            match self.uses_q8(dty).then(|| self.s.fh.get(dty)).flatten() {
+                Some(qa) => self.mvq_experts(b.down_exps.r(), qa, 1, yk, d, slots, eids)?,
+                None => self.mv_experts(b.down_exps.r(), hbuf, ff, 1, yk, d, slots, eids)?,
+            }
         } else {
             // prefill: slots sorted by expert, each expert's weights read once
             // per tile of up to 8 tokens instead of once per token
@@ -365,11 +517,16 @@ impl GpuModel {
                 eids, slots as i32, ne as i32, 8i32, max_tiles as i32, order, pos_b, tiles)?;
             launch!(self.gpu, "gather_rows", (((slots * d) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
                 a, order, k as i32, d as i32, slots as i32, ag)?;
-            self.mv_grouped(b.gate_exps.r(), ag, d, g, ff, tiles, max_tiles)?;
-            self.mv_grouped(b.up_exps.r(), ag, d, up, ff, tiles, max_tiles)?;
+            // gate and up share one quantisation of the gathered rows
+            let qag = if self.uses_q8(b.gate_exps.ty) && b.gate_exps.ty == b.up_exps.ty { Some(self.quant(ag, d, d, slots, b.gate_exps.ty)?) } else { None };
+            self.mv_grouped(b.gate_exps.r(), ag, d, g, ff, tiles, max_tiles, slots, qag)?;
+            self.mv_grouped(b.up_exps.r(), ag, d, up, ff, tiles, max_tiles, slots, qag)?;
+            let dty = b.down_exps.ty;
+            let (q0, d0, qk, dk) = self.s.fh.args(self.q8, dty == GgmlType::Q8_0, Self::is_k(dty));
             launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
-                g, up, ew, ff as i32, slots as i32, limit, hbuf, order)?;
-            self.mv_grouped(b.down_exps.r(), hbuf, ff, yk, d, tiles, max_tiles)?;
+                g, up, ew, ff as i32, slots as i32, limit, hbuf, order, q0, d0, qk, dk)?;
+            let pre = self.uses_q8(dty).then(|| self.s.fh.get(dty)).flatten();
+            self.mv_grouped(b.down_exps.r(), hbuf, ff, yk, d, tiles, max_tiles, slots, pre)?;
             pos = pos_b;
         }
         let mut ysh = 0u64;

@@ -242,6 +242,67 @@ pub(crate) struct Scratch {
     mtp_pe: DevBuf,
     mtp_h: DevBuf,
     mtp_ph: DevBuf,
+    /// 8-bit activation scratch, one per stream (main + 3 side streams): a
+    /// vector is quantised on the stream that consumes it, so branches running
+    /// concurrently never share one
+    pub(crate) q8: Vec<QScratch>,
+    /// fused 8-bit copies: HcPre output `a`, normalised q_lora `qr`, routed
+    /// expert hidden `h` (k rows per token), shared expert hidden `sh`
+    pub(crate) fa: QFused,
+    pub(crate) fqr: QFused,
+    pub(crate) fh: QFused,
+    pub(crate) fsh: QFused,
+}
+
+/// 8-bit copies that producer kernels write beside their f32 output (fused
+/// quantisation): both formats, [rows][cols] codes and per-block scales.
+pub(crate) struct QFused {
+    pub(crate) q0: DevBuf,
+    pub(crate) d0: DevBuf,
+    pub(crate) qk: DevBuf,
+    pub(crate) dk: DevBuf,
+    pub(crate) cols: usize,
+}
+
+impl QFused {
+    fn new(g: &Gpu, rows: usize, cols: usize) -> Result<QFused> {
+        let n = (rows * cols).max(256);
+        Ok(QFused { q0: g.alloc(n)?, d0: g.alloc(n / 32 * F + F)?, qk: g.alloc(n)?, dk: g.alloc(n / 256 * F + F)?, cols })
+    }
+    /// Kernel arguments (q0, d0, qk, dk) for a producer whose consumers
+    /// multiply weights of the given types (null = not wanted / not possible).
+    pub(crate) fn args(&self, on: bool, want0: bool, wantk: bool) -> (u64, u64, u64, u64) {
+        let z = 0u64;
+        let p0 = on && want0 && self.cols % 32 == 0;
+        let pk = on && wantk && self.cols % 256 == 0;
+        (if p0 { self.q0.ptr } else { z }, if p0 { self.d0.ptr } else { z }, if pk { self.qk.ptr } else { z }, if pk { self.dk.ptr } else { z })
+    }
+    /// The copy for weights of type `ty`, if `args(on, ..)` asked for it.
+    pub(crate) fn get(&self, ty: GgmlType) -> Option<QAct> {
+        if ty == GgmlType::Q8_0 {
+            (self.cols % 32 == 0).then_some(QAct { q: self.q0.ptr, d: self.d0.ptr, qs: self.cols, ds: self.cols / 32 })
+        } else {
+            (self.cols % 256 == 0).then_some(QAct { q: self.qk.ptr, d: self.dk.ptr, qs: self.cols, ds: self.cols / 256 })
+        }
+    }
+}
+
+/// Quantised activations of one stream: codes (`cap` bytes) and scales (one
+/// f32 per 32 codes, enough for Q8_0 and Q8_K).
+pub(crate) struct QScratch {
+    pub(crate) q: DevBuf,
+    pub(crate) d: DevBuf,
+    pub(crate) cap: usize,
+}
+
+/// Activations quantised for 8-bit products: codes [rows][qs] (i8), scales
+/// [rows][ds] (f32), one scale per `blk` codes (32: Q8_0, 256: Q8_K).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct QAct {
+    pub(crate) q: u64,
+    pub(crate) d: u64,
+    pub(crate) qs: usize,
+    pub(crate) ds: usize,
 }
 
 pub struct GpuModel {
@@ -264,6 +325,9 @@ pub struct GpuModel {
     pub kv_rope: dsv4_engine::pack::RopeStore,
     /// capture decode steps as CUDA graphs (env DSV4_CUDA_GRAPHS=0 turns it off)
     pub use_graphs: bool,
+    /// `Numerics::Q8`: quantised weights multiply 8-bit activations (mmvq.cu),
+    /// as the CPU's 8-bit mode does; false = f32 activations (the reference)
+    pub q8: bool,
 }
 
 fn vec_up(gpu: &Gpu, v: &[f32]) -> Result<DevBuf> {
@@ -335,7 +399,7 @@ impl GpuModel {
     /// Upload the model's weights and allocate state scratch for `ctx` tokens,
     /// processing at most `max_chunk` tokens per pass.
     pub fn new(gpu: Gpu, cfg: &Config, w: &Weights, ctx: usize, max_chunk: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<GpuModel> {
-        if cfg.hc > 8 || cfg.n_experts > 1024 || cfg.head_dim > 512 || cfg.head_dim % 128 != 0 || cfg.index_head_dim > 1024 || cfg.n_experts_used > 16 || (2 + cfg.hc) * cfg.hc > 96 {
+        if cfg.hc > 4 || cfg.n_experts > 1024 || cfg.head_dim > 512 || cfg.head_dim % 128 != 0 || cfg.index_head_dim > 1024 || cfg.n_experts_used > 16 || (2 + cfg.hc) * cfg.hc > 96 {
             return Err(CudaError::Unsupported("model shape exceeds the CUDA kernels' limits".into()));
         }
         let total = w.blocks.len() + 2;
@@ -385,6 +449,7 @@ impl GpuModel {
             ablate_kv_fp8: false,
             kv_rope: Default::default(),
             use_graphs: std::env::var("DSV4_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true),
+            q8: false,
         })
     }
 
@@ -456,6 +521,20 @@ impl Scratch {
             mtp_pe: f(d)?,
             mtp_h: f(m * d)?,
             mtp_ph: f(m * d)?,
+            q8: {
+                // largest rows x cols any quantised product takes in one call:
+                // expert inputs (k per token, grouped prefill gathers k*n rows),
+                // attention output, HC-stream inputs (MTP h_proj)
+                let per_tok = [k * d, k * ff, h * hd, c.o_groups * c.o_lora_rank, m * d, c.q_lora_rank, d].into_iter().max().unwrap_or(d);
+                let cap = (n * per_tok).next_multiple_of(256);
+                (0..4)
+                    .map(|_| -> Result<QScratch> { Ok(QScratch { q: g.alloc(cap)?, d: g.alloc(cap / 32 * F)?, cap }) })
+                    .collect::<Result<Vec<_>>>()?
+            },
+            fa: QFused::new(g, n, d)?,
+            fqr: QFused::new(g, n, c.q_lora_rank)?,
+            fh: QFused::new(g, n * k, ff)?,
+            fsh: QFused::new(g, n, ff)?,
         })
     }
 }

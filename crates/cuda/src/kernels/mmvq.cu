@@ -1,0 +1,435 @@
+// 8-bit activation matrix-vector products (the `Numerics::Q8` path, ds4's and
+// ggml's numerics): activations are quantised once per vector, exactly as the
+// CPU's `dsv4_gguf::kernels::quantize_acts` does (Q8_0 blocks of 32 for Q8_0
+// weights, Q8_K blocks of 256 for Q2_K / Q4_K / IQ2_XXS), and the weight
+// blocks are multiplied with integer dot products (dp4a). The integer sums
+// are exact, so a row's result differs from the CPU's `matvec_q8` only in the
+// order its per-block float terms are added.
+//
+// Why: the f32-activation kernels (matvec.cu) load 4 bytes of x per weight
+// value through L1 — 15x the weight bytes for IQ2_XXS — and convert every
+// weight to float; here x costs 1 byte per value and 4 values go through one
+// instruction.
+//
+// Quantised activations of n rows of `cols` values: codes `q` [n][cols] (i8,
+// row stride qs bytes), scales `d` [n][cols / blk] (f32, row stride ds).
+//
+// Matvec layout (as matvec.cu): one warp per weight row; per iteration a warp
+// covers one contiguous chunk of the row, every lane takes its own run of
+// values, so a warp's x loads are one contiguous run.
+//   Q8_0   : chunk 16 blocks (512 values), lane -> block lane/2, 16 values
+//   Q2_K   : chunk 2 blocks, lane -> block lane/16, 16 values
+//   Q4_K   : chunk 1 block, lane -> values 8*lane .. +8
+//   IQ2_XXS: chunk 4 blocks, lane -> block lane/8, group lane%8 (32 values)
+
+// --- activation quantisation ------------------------------------------------
+
+// Quantise values held one per thread, for producer kernels that emit their
+// output in 8-bit form too (fused: no separate pass). Called uniformly by every
+// thread of the block (it synchronises); thread t holds the value of flat
+// index i (row-major [rows][cols], stride cols) with valid = i inside. Each
+// warp holds one aligned run of 32 (Q8_0 block) and each group of 256
+// consecutive threads one aligned run of 256 (Q8_K block), valid or not as a
+// whole; blockDim is a multiple of 256 (at most 1024) when qk is set.
+// q0/d0 (Q8_0, may be null): d = amax/127, q = rint(x * (1/d)).
+// qk/dk (Q8_K, may be null): the signed value of largest |x| (first on ties)
+// gives iscale = -127/max, q = rint(iscale * x) clamped, d = 1/iscale.
+// Bit for bit the CPU's `quantize_acts_q8_0` / `quantize_acts_q8_k`.
+__device__ __forceinline__ void quant_vals(float v, bool valid, u64 i, i8* q0, float* d0, i8* qk, float* dk) {
+    __shared__ float qs_abs[32];
+    __shared__ int qs_idx[32];
+    __shared__ float qs_val[4];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, grp = threadIdx.x >> 8;
+    float a = valid ? fabsf(v) : 0.f;
+    if (q0) {
+        float amax = warp_max(a);
+        float d = __fdiv_rn(amax, 127.0f);
+        float id = (amax != 0.f) ? __fdiv_rn(1.0f, d) : 0.f;
+        if (valid) {
+            q0[i] = (i8)(int)fminf(fmaxf(rintf(__fmul_rn(v, id)), -128.f), 127.f);
+            if (lane == 0) d0[i / 32] = d;
+        }
+    }
+    if (qk) {
+        // arg-max of |x| within each group of 256, lowest index on ties
+        float ba = a;
+        int bi = threadIdx.x & 255;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float oa = __shfl_xor_sync(0xffffffffu, ba, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (oa > ba || (oa == ba && oi < bi)) { ba = oa; bi = oi; }
+        }
+        if (lane == 0) { qs_abs[w] = ba; qs_idx[w] = bi; }
+        __syncthreads();
+        if ((w & 7) == 0) {
+            ba = (lane < 8) ? qs_abs[w + lane] : -1.f;
+            bi = (lane < 8) ? qs_idx[w + lane] : 1 << 30;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                float oa = __shfl_xor_sync(0xffffffffu, ba, o);
+                int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                if (oa > ba || (oa == ba && oi < bi)) { ba = oa; bi = oi; }
+            }
+            if (lane == 0) { qs_abs[w] = ba; qs_idx[w] = bi; }
+        }
+        __syncthreads();
+        float amax = qs_abs[grp * 8];
+        if ((threadIdx.x & 255) == qs_idx[grp * 8]) qs_val[grp] = v;
+        __syncthreads();
+        if (valid) {
+            if (amax == 0.f) {
+                qk[i] = 0;
+                if ((threadIdx.x & 255) == 0) dk[i / 256] = 0.f;
+            } else {
+                float is = __fdiv_rn(-127.0f, qs_val[grp]);
+                qk[i] = (i8)(int)fminf(fmaxf(rintf(__fmul_rn(is, v)), -128.f), 127.f);
+                if ((threadIdx.x & 255) == 0) dk[i / 256] = __fdiv_rn(1.0f, is);
+            }
+        }
+        __syncthreads(); // shared arrays are reused by the next call
+    }
+}
+
+// Stand-alone quantisation of `rows` vectors of `cols` floats (input row
+// stride xs; output rows compact: codes stride cols, scales stride cols/32 or
+// cols/256). Grid (ceil(cols/256), rows), 256 threads.
+extern "C" __global__ void quant_q8(const float* x, int xs, int cols, i8* q0, float* d0, i8* qk, float* dk) {
+    int row = blockIdx.y;
+    int c = blockIdx.x * 256 + threadIdx.x;
+    bool valid = c < cols;
+    float v = valid ? x[(u64)row * xs + c] : 0.f;
+    quant_vals(v, valid, (u64)row * cols + c, q0, d0, qk, dk);
+}
+
+// --- integer dot products -------------------------------------------------------
+
+// IQ2_XXS values through one byte permute: every grid value is 8, 25 or 43,
+// so a grid row is 8 codes 0..2; with the sign as +4 the 3-bit selector picks
+// the signed byte out of the pair (IQ2_POS, IQ2_NEG). `gsel` holds a grid
+// row's 8 selector nibbles, `sign_sel` the sign nibbles (+4) of a 7-bit sign
+// index; their OR drives two PRMTs per 8 values: one 4-byte shared load
+// instead of 2 x 8-byte ones plus negation arithmetic (the u64 look-ups
+// bank-conflicted).
+#define IQ2_POS 0x002B1908u
+#define IQ2_NEG 0x00D5E7F8u
+
+// Sign nibbles of a 7-bit IQ2 sign index by arithmetic (no table look-up:
+// shared-memory look-ups with random indices bank-conflict, and were the
+// kernel's limiter): the 8th sign is the parity of the 7 stored ones (an even
+// number of negatives, ksigns_iq2xs), then bit m moves to bit 4m+2.
+__device__ __forceinline__ u32 sign_sel(u32 i7) {
+    u32 x = i7 | ((__popc(i7) & 1u) << 7);
+    x = (x | (x << 12)) & 0x000F000Fu;
+    x = (x | (x << 6)) & 0x03030303u;
+    x = (x | (x << 3)) & 0x11111111u;
+    return x << 2;
+}
+
+// Each lane first issues the weight loads of U iterations (all independent),
+// then does their arithmetic: a warp has U chunks of its row in flight
+// instead of one, which is what keeps enough bytes moving per SM (a row of a
+// 4096-wide expert is only 4-16 iterations long, so latency, not bandwidth,
+// bounded the one-at-a-time loop).
+#define MQ_U 4
+
+template <int TY, int NT>
+__device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, int xqs, const float* xd, int xds, int n, int lane, int c0, int cs,
+                                         const u32* gsel, float (&acc)[NT]) {
+    if (TY == T_Q8_0) {
+        // chunk = 16 blocks; lane -> block lane/2, half lane%2 (16 values).
+        // The 16 code bytes sit at 2 (mod 4) or 0 (mod 4): five aligned words
+        // and four funnel shifts instead of eight 2-byte loads (the kernel was
+        // L1-request bound). The fifth word may lie past the matrix end:
+        // allocations carry 16 spare bytes (Gpu::alloc).
+        int nb = cols / 32;
+        int nch = (nb + 15) / 16;
+        int hf = lane & 1;
+        for (int c = c0; c < nch; c += MQ_U * cs) {
+            int w[MQ_U][4], bb[MQ_U];
+            float dw[MQ_U];
+#pragma unroll
+            for (int u = 0; u < MQ_U; u++) {
+                int b = (c + u * cs) * 16 + (lane >> 1);
+                bb[u] = (c + u * cs < nch && b < nb) ? b : -1;
+                if (bb[u] >= 0) {
+                    const u8* blk = wr + (u64)b * 34;
+                    dw[u] = h2f(ld16(blk));
+                    u64 A = (u64)(blk + 2 + 16 * hf);
+                    const u32* A4 = (const u32*)(A & ~3ull);
+                    u32 sh = (u32)(A & 3) * 8;
+                    u32 r0 = A4[0], r1 = A4[1], r2 = A4[2], r3 = A4[3], r4 = A4[4];
+                    w[u][0] = (int)__funnelshift_r(r0, r1, sh);
+                    w[u][1] = (int)__funnelshift_r(r1, r2, sh);
+                    w[u][2] = (int)__funnelshift_r(r2, r3, sh);
+                    w[u][3] = (int)__funnelshift_r(r3, r4, sh);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < MQ_U; u++) {
+                if (bb[u] < 0) continue;
+                int b = bb[u];
+#pragma unroll
+                for (int t = 0; t < NT; t++)
+                    if (t < n) {
+                        int4 xv = *(const int4*)(xq + (u64)t * xqs + b * 32 + 16 * hf);
+                        int s = __dp4a(w[u][0], xv.x, __dp4a(w[u][1], xv.y, __dp4a(w[u][2], xv.z, __dp4a(w[u][3], xv.w, 0))));
+                        acc[t] += (float)s * (dw[u] * xd[(u64)t * xds + b]);
+                    }
+            }
+        }
+    } else if (TY == T_Q2_K) {
+        // chunk = 2 blocks; lane -> block lane/16, sub-block sb = lane%16 (16
+        // values, one scale byte): 16 values per lane halve the per-value
+        // address / scale work (the kernel is issue-bound)
+        int nb = cols / 256;
+        int nch = (nb + 1) / 2;
+        int sb = lane & 15;
+        int h = sb >> 3, j = (sb >> 1) & 3, half = sb & 1;
+        for (int c = c0; c < nch; c += MQ_U * cs) {
+            u32 dd[MQ_U], sc[MQ_U], q[MQ_U][4];
+            int bb[MQ_U];
+#pragma unroll
+            for (int u = 0; u < MQ_U; u++) {
+                int b = (c + u * cs) * 2 + (lane >> 4);
+                bb[u] = (c + u * cs < nch && b < nb) ? b : -1;
+                if (bb[u] >= 0) {
+                    const u8* blk = wr + b * 84;
+                    dd[u] = *(const u32*)(blk + 80);
+                    sc[u] = blk[sb];
+                    const u32* qp = (const u32*)(blk + 16 + 32 * h + 16 * half);
+#pragma unroll
+                    for (int w = 0; w < 4; w++) q[u][w] = qp[w];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < MQ_U; u++) {
+                if (bb[u] < 0) continue;
+                int b = bb[u];
+                float d = h2f((u16)(dd[u] & 0xffff)), dmin = h2f((u16)(dd[u] >> 16));
+                float fd = d * (float)(sc[u] & 15), fm = dmin * (float)(sc[u] >> 4);
+                int t4[4];
+#pragma unroll
+                for (int w = 0; w < 4; w++) t4[w] = (int)((q[u][w] >> (2 * j)) & 0x03030303u);
+#pragma unroll
+                for (int t = 0; t < NT; t++)
+                    if (t < n) {
+                        int4 xv = *(const int4*)(xq + (u64)t * xqs + b * 256 + 16 * sb);
+                        int sq = __dp4a(t4[0], xv.x, __dp4a(t4[1], xv.y, __dp4a(t4[2], xv.z, __dp4a(t4[3], xv.w, 0))));
+                        int sx = __dp4a(0x01010101, xv.x, __dp4a(0x01010101, xv.y, __dp4a(0x01010101, xv.z, __dp4a(0x01010101, xv.w, 0))));
+                        acc[t] += xd[(u64)t * xds + b] * (fd * (float)sq - fm * (float)sx);
+                    }
+            }
+        }
+    } else if (TY == T_Q4_K) {
+        int nb = cols / 256;
+        int c64 = lane >> 3, w = (lane & 7) * 8, hi = w >= 32;
+        int s_ = 2 * c64 + hi;
+        int sh = hi ? 4 : 0;
+        for (int c = c0; c < nb; c += MQ_U * cs) {
+            u32 dd[MQ_U], q0[MQ_U], q1[MQ_U], sa[MQ_U], sb[MQ_U];
+#pragma unroll
+            for (int u = 0; u < MQ_U; u++) {
+                int b = c + u * cs;
+                if (b < nb) {
+                    const u8* blk = wr + b * 144;
+                    dd[u] = *(const u32*)blk;
+                    const u8* S = blk + 4;
+                    // the bytes this lane's (scale, min) pair is built from
+                    sa[u] = (s_ < 4) ? S[s_] : S[s_ + 4];
+                    sb[u] = (s_ < 4) ? S[s_ + 4] : ((u32)S[s_ - 4] | ((u32)S[s_] << 8));
+                    const u32* qp = (const u32*)(blk + 16 + 32 * c64 + (w & 31));
+                    q0[u] = qp[0];
+                    q1[u] = qp[1];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < MQ_U; u++) {
+                int b = c + u * cs;
+                if (b >= nb) continue;
+                float d = h2f((u16)(dd[u] & 0xffff)), dmin = h2f((u16)(dd[u] >> 16));
+                int scv, m;
+                if (s_ < 4) { scv = sa[u] & 63; m = sb[u] & 63; }
+                else { scv = (sa[u] & 15) | (((sb[u] & 0xff) >> 6) << 4); m = (sa[u] >> 4) | (((sb[u] >> 8) >> 6) << 4); }
+                int n0 = (int)((q0[u] >> sh) & 0x0F0F0F0Fu), n1 = (int)((q1[u] >> sh) & 0x0F0F0F0Fu);
+                float fd = d * (float)scv, fm = dmin * (float)m;
+#pragma unroll
+                for (int t = 0; t < NT; t++)
+                    if (t < n) {
+                        int2 xv = *(const int2*)(xq + (u64)t * xqs + b * 256 + 8 * lane);
+                        int sq = __dp4a(n0, xv.x, __dp4a(n1, xv.y, 0));
+                        int sx = __dp4a(0x01010101, xv.x, __dp4a(0x01010101, xv.y, 0));
+                        acc[t] += xd[(u64)t * xds + b] * (fd * (float)sq - fm * (float)sx);
+                    }
+            }
+        }
+    } else if (TY == T_IQ2_XXS) {
+        int nb = cols / 256;
+        int nch = (nb + 3) / 4;
+        int g = lane & 7;
+        for (int c = c0; c < nch; c += MQ_U * cs) {
+            u32 A0[MQ_U], A1[MQ_U];
+            float D[MQ_U];
+            int bb[MQ_U];
+#pragma unroll
+            for (int u = 0; u < MQ_U; u++) {
+                int b = (c + u * cs) * 4 + (lane >> 3);
+                bb[u] = (c + u * cs < nch && b < nb) ? b : -1;
+                if (bb[u] >= 0) {
+                    const u8* blk = wr + b * 66;
+                    D[u] = h2f(ld16(blk));
+                    const u16* qp = (const u16*)(blk + 2 + 8 * g);
+                    A0[u] = (u32)qp[0] | ((u32)qp[1] << 16);
+                    A1[u] = (u32)qp[2] | ((u32)qp[3] << 16);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < MQ_U; u++) {
+                if (bb[u] < 0) continue;
+                int b = bb[u];
+                u32 a0 = A0[u], a1 = A1[u];
+                // the group's 32 signed values as 8 words of 4 bytes
+                int v[8];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    u32 sel = gsel[(a0 >> (8 * k)) & 255] | sign_sel((a1 >> (7 * k)) & 127);
+                    v[2 * k] = (int)__byte_perm(IQ2_POS, IQ2_NEG, sel);
+                    v[2 * k + 1] = (int)__byte_perm(IQ2_POS, IQ2_NEG, sel >> 16);
+                }
+                float fs = D[u] * 0.125f * (float)(2 * (int)(a1 >> 28) + 1);
+#pragma unroll
+                for (int t = 0; t < NT; t++)
+                    if (t < n) {
+                        const int4* xp = (const int4*)(xq + (u64)t * xqs + b * 256 + 32 * g);
+                        int4 xa = xp[0], xb = xp[1];
+                        int s = __dp4a(v[0], xa.x, __dp4a(v[1], xa.y, __dp4a(v[2], xa.z, __dp4a(v[3], xa.w, 0))));
+                        s = __dp4a(v[4], xb.x, __dp4a(v[5], xb.y, __dp4a(v[6], xb.z, __dp4a(v[7], xb.w, s))));
+                        acc[t] += (float)s * (fs * xd[(u64)t * xds + b]);
+                    }
+            }
+        }
+    }
+}
+
+// IQ2 grid selector table in shared memory (see IQ2_POS), built from the grid
+// once per block.
+template <int TY>
+__device__ __forceinline__ void stage_iq2(u32* gsel) {
+    if (TY == T_IQ2_XXS) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) gsel[i] = IQ2_GSEL[i];
+        __syncthreads();
+    }
+}
+
+// Warp per row (rows_per_block = blockDim.x / 32). Indexed (MoE) mode:
+// blockIdx.y is slot s, the matrix is expert eids[s], x row s / x_group, y row s.
+// Grouped mode: tile blockIdx.y = (matrix, first row, rows) of expert-sorted rows.
+// Pair mode (W2 set): blocks with blockIdx.y >= pair use matrix W2 and output
+// y2 with slot blockIdx.y - pair: two products of one input in one launch
+// (gate and up, the shared expert's w1 and w3).
+template <int TY, int NT, bool GROUPED>
+__device__ __forceinline__ void mq_body(const u8* W, u64 row_bytes, int rows, int cols, const i8* xq, int xqs, const float* xd, int xds,
+                                        float* y, int ys, int n, const int* eids, u64 expert_bytes, int x_group, const int* tiles,
+                                        const u8* W2 = 0, float* y2 = 0, int pair = 0) {
+    __shared__ u32 gsel[TY == T_IQ2_XXS ? 256 : 1];
+    stage_iq2<TY>(gsel);
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    if (GROUPED) {
+        const int* tl = tiles + 4 * blockIdx.y;
+        if (tl[2] == 0) return;
+        W += (u64)tl[0] * expert_bytes;
+        xq += (u64)tl[1] * xqs;
+        xd += (u64)tl[1] * xds;
+        y += (u64)tl[1] * ys;
+        n = tl[2];
+    } else {
+        int s = blockIdx.y;
+        if (W2 && s >= pair) {
+            W = W2;
+            y = y2;
+            s -= pair;
+        }
+        if (eids) {
+            W += (u64)eids[s] * expert_bytes;
+            xq += (u64)(s / x_group) * xqs;
+            xd += (u64)(s / x_group) * xds;
+            y += (u64)s * ys;
+        }
+    }
+    const u8* wr = W + (u64)row * row_bytes;
+    float acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t] = 0.f;
+    row_dotq<TY, NT>(wr, cols, xq, xqs, xd, xds, n, lane, 0, 1, gsel, acc);
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        float v = warp_sum(acc[t]);
+        if (lane == 0 && t < n) y[(u64)t * ys + row] = v;
+    }
+}
+
+// Split-K: one block (256 threads) per row, for matrices with few long rows.
+template <int TY, int NT>
+__device__ __forceinline__ void mqk_body(const u8* W, u64 row_bytes, int rows, int cols, const i8* xq, int xqs, const float* xd, int xds,
+                                         float* y, int ys, int n, const int* eids, u64 expert_bytes, int x_group) {
+    __shared__ u32 gsel[TY == T_IQ2_XXS ? 256 : 1];
+    __shared__ float red[NT][8];
+    stage_iq2<TY>(gsel);
+    int row = blockIdx.x;
+    if (eids) {
+        int s = blockIdx.y;
+        W += (u64)eids[s] * expert_bytes;
+        xq += (u64)(s / x_group) * xqs;
+        xd += (u64)(s / x_group) * xds;
+        y += (u64)s * ys;
+    }
+    const u8* wr = W + (u64)row * row_bytes;
+    float acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t] = 0.f;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    row_dotq<TY, NT>(wr, cols, xq, xqs, xd, xds, n, lane, w, blockDim.x >> 5, gsel, acc);
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        float v = warp_sum(acc[t]);
+        if (lane == 0) red[t][w] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float v = (lane < (int)(blockDim.x >> 5)) ? red[t][lane] : 0.f;
+            v = warp_sum(v);
+            if (lane == 0 && t < n) y[(u64)t * ys + row] = v;
+        }
+    }
+}
+
+#define MQ_ARGS const u8 *W, u64 row_bytes, int rows, int cols, const i8 *xq, int xqs, const float *xd, int xds, float *y, int ys
+#define MQ_KERNEL(NAME, TY, NT)                                                                                     \
+    extern "C" __global__ void NAME(MQ_ARGS, int n, const int* eids, u64 expert_bytes, int x_group) {                \
+        mq_body<TY, NT, false>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, n, eids, expert_bytes, x_group, 0); \
+    }
+#define MQK_KERNEL(NAME, TY, NT)                                                                                 \
+    extern "C" __global__ void NAME(MQ_ARGS, int n, const int* eids, u64 expert_bytes, int x_group) {             \
+        mqk_body<TY, NT>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, n, eids, expert_bytes, x_group);      \
+    }
+#define MQG_KERNEL(NAME, TY)                                                                                  \
+    extern "C" __global__ void NAME(MQ_ARGS, u64 expert_bytes, const int* tiles) {                             \
+        mq_body<TY, 8, true>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, 8, 0, expert_bytes, 1, tiles); \
+    }
+#define MQP_KERNEL(NAME, TY)                                                                                           \
+    extern "C" __global__ void NAME(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2, int pair) { \
+        mq_body<TY, 1, false>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, 1, eids, expert_bytes, x_group, 0, W2, y2, pair); \
+    }
+#define MQ_TYPE(SUFFIX, TY)                                                                                                                     \
+    MQ_KERNEL(mq_##SUFFIX##_1, TY, 1) MQ_KERNEL(mq_##SUFFIX##_2, TY, 2) MQ_KERNEL(mq_##SUFFIX##_4, TY, 4) MQ_KERNEL(mq_##SUFFIX##_8, TY, 8)     \
+    MQK_KERNEL(mqk_##SUFFIX##_1, TY, 1) MQK_KERNEL(mqk_##SUFFIX##_2, TY, 2) MQK_KERNEL(mqk_##SUFFIX##_4, TY, 4) MQK_KERNEL(mqk_##SUFFIX##_8, TY, 8) \
+    MQG_KERNEL(mqg_##SUFFIX, TY) MQP_KERNEL(mqp_##SUFFIX, TY)
+
+MQ_TYPE(q8_0, T_Q8_0)
+MQ_TYPE(q2_k, T_Q2_K)
+MQ_TYPE(q4_k, T_Q4_K)
+MQ_TYPE(iq2_xxs, T_IQ2_XXS)
