@@ -5,6 +5,9 @@
 #                                      with DSV4_GPU_WITH_CLI=1) into .gpu/ with
 #                                      a copy of the fixtures;
 #   tools/gpu-test.sh run     (there)  runs every test binary against the GPU.
+# (.gpu/bin/fixture_logits FIXTURE OUT writes a fixture's CUDA logits, for byte
+# comparisons between two builds.) Without a GPU, tools/cuda-host-check.sh
+# checks the packed-row kernel code against pack.rs on the host.
 # With the device tool: run `tools/gpu-test.sh build`, then on the GPU machine
 # `bash tools/gpu-test.sh run` with `.gpu` carried.
 set -euo pipefail
@@ -24,7 +27,7 @@ for l in sys.stdin:
     if [ "${DSV4_GPU_WITH_CLI:-0}" = 1 ]; then
         cargo build --release -p dsv4 2>/dev/null && cp "${CARGO_TARGET_DIR:-target}/release/dsv4" .gpu/bin/dsv4
     fi
-    cargo build --release -p dsv4-cuda --examples 2>/dev/null && cp "${CARGO_TARGET_DIR:-target}/release/examples/synthetic_bench" .gpu/bin/ || true
+    cargo build --release -p dsv4-cuda --examples 2>/dev/null && cp "${CARGO_TARGET_DIR:-target}/release/examples/"{synthetic_bench,fixture_logits} .gpu/bin/ || true
     strip .gpu/bin/* 2>/dev/null || true
     cp -r ../shared/fixtures .gpu/shared/fixtures
     rm -rf .gpu/shared/fixtures/tiny-hf

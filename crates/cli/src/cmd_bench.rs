@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// synthetic: timed decode steps per frontier.
     #[arg(long, default_value_t = 32)]
     pub steps: usize,
+    /// synthetic: precision of the RoPE dims of compressed KV rows in the state (f32 or bf16).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    pub kv_rope: dsv4_engine::pack::RopeStore,
     /// synthetic: prompt tokens for the prefill measurement (0 = skip).
     #[arg(long, default_value_t = 2048)]
     pub prefill: usize,
@@ -175,7 +178,7 @@ fn synthetic(a: &BenchArgs) -> Result<()> {
         .split(',')
         .map(|x| x.trim().parse::<usize>().with_context(|| format!("bad context point {x:?}")))
         .collect::<Result<Vec<_>>>()?;
-    let opts = dsv4_cuda::bench::BenchOpts { recipe, layers: a.layers, ctx_points, decode_steps: a.steps, prefill_tokens: a.prefill, max_chunk: 256, q8: a.q8, both: false };
+    let opts = dsv4_cuda::bench::BenchOpts { recipe, layers: a.layers, ctx_points, decode_steps: a.steps, prefill_tokens: a.prefill, max_chunk: 256, q8: a.q8, both: false, kv_rope: a.kv_rope };
     dsv4_cuda::bench::run(&opts, &mut |s| println!("{s}")).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -201,6 +204,7 @@ fn synthetic_cpu(a: &BenchArgs, recipe: dsv4_cuda::synthetic::Recipe) -> Result<
     if a.q8 {
         model.numerics = dsv4_engine::Numerics::Q8;
     }
+    model.kv_rope = a.kv_rope;
     let model = Arc::new(model);
     println!("# activations: {}", if a.q8 { "8-bit for quantised weights" } else { "f32" });
     println!("# synthetic {recipe:?} model, {} of {} layers, built in RAM in {:.1} s", cfg.n_layers, full.n_layers, t.elapsed().as_secs_f64());

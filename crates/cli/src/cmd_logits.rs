@@ -32,6 +32,10 @@ pub struct LogitsArgs {
     /// Quantise activations to 8 bits for quantised-weight dot products (ds4's CPU numerics).
     #[arg(long)]
     pub q8: bool,
+    /// Precision of the RoPE dims of compressed KV rows in the state: f32 (exact
+    /// vs the f32 reference) or bf16 (the official cache precision; logits change slightly).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    pub kv_rope: dsv4_engine::pack::RopeStore,
     /// Also compare with the reference files in this fixture folder and print statistics.
     #[arg(long)]
     pub compare: Option<PathBuf>,
@@ -42,6 +46,7 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     if a.q8 {
         model.numerics = Numerics::Q8;
     }
+    model.kv_rope = a.kv_rope;
     let model = Arc::new(model);
     let tokens = Tokens::load(&a.tokens)?;
     let ctx = tokens.sequence.len().max(tokens.prompt.len()) + 16;

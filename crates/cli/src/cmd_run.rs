@@ -20,6 +20,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use dsv4_engine::kvdisk::{DiskCache, DiskCacheOptions, SaveReason};
+use dsv4_engine::pack::RopeStore;
 use dsv4_engine::sampler::{self, Sampler, SamplerConfig, StopSequences};
 use dsv4_engine::session::{GenLimits, Session, SessionOptions, StopReason};
 use dsv4_engine::{Backend, Model};
@@ -47,6 +48,12 @@ pub struct ModelArgs {
     /// instead of the f32 reference numerics.
     #[arg(long)]
     pub q8: bool,
+    /// Precision of the RoPE dims of compressed KV rows in the state: f32 (exact
+    /// vs the f32 reference; 4.12 GiB at 1M tokens for V4 Flash) or bf16 (the
+    /// official model's cache precision, rounded when a row is made; 3.45 GiB,
+    /// logits change slightly). Saved sessions record it and load only into the same.
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    pub kv_rope: RopeStore,
     /// Prefill chunk (tokens per backend call).
     #[arg(long, default_value_t = 512)]
     pub chunk: usize,
@@ -165,11 +172,12 @@ fn encode_opts(t: Think, ctx: usize, add_bos: bool) -> EncodeOptions {
 }
 
 /// Builds the backend by name: the one place that knows the backends.
-pub fn make_backend(name: &str, file: &Arc<GgufFile>, ctx: usize, q8: bool) -> Result<Box<dyn Backend>> {
+pub fn make_backend(name: &str, file: &Arc<GgufFile>, ctx: usize, q8: bool, kv_rope: RopeStore) -> Result<Box<dyn Backend>> {
     let mut model = Model::from_gguf(file.clone(), None).context("loading the model")?;
     if q8 {
         model.numerics = dsv4_engine::Numerics::Q8;
     }
+    model.kv_rope = kv_rope;
     crate::backends::make(name, Arc::new(model), ctx)
 }
 
@@ -205,6 +213,7 @@ fn open_model(a: &ModelArgs) -> Result<Loaded> {
             let mut o = DiskCacheOptions::new(dir);
             o.budget_bytes = a.kv_disk_space_mb << 20;
             o.allow_other_quant = a.kv_allow_other_quant;
+            o.kv_rope = session.backend().kv_rope();
             Some(DiskCache::open(o, session.backend().fingerprint()).context("opening the disk KV cache")?)
         }
         None => None,
@@ -213,21 +222,18 @@ fn open_model(a: &ModelArgs) -> Result<Loaded> {
 }
 
 fn new_session(a: &ModelArgs, file: &Arc<GgufFile>, ctx: usize) -> Result<Session> {
-    let backend = make_backend(&a.backend, file, ctx, a.q8)?;
+    let backend = make_backend(&a.backend, file, ctx, a.q8, a.kv_rope)?;
     let cfg = backend.config();
-    // the CPU stores compressed rows packed (lossless FP8/FP4 codes); the CUDA
-    // backend keeps them as f32
-    let per_token = if backend.name() == "cpu" {
-        dsv4_engine::pack::StateBytes::per_token(cfg, dsv4_engine::pack::RopeStore::F32)
-    } else {
-        cfg.state_values_per_token() * 4.0
-    };
+    // both backends store compressed rows packed (lossless FP8/FP4 codes; the
+    // GPU pads rows to 4-byte multiples, a fraction of a percent more)
+    let per_token = dsv4_engine::pack::StateBytes::per_token(cfg, backend.kv_rope());
     eprintln!(
-        "dsv4: {} backend, context {} tokens, state {:.1} MiB allocated ({:.0} bytes/token for compressed rows)",
+        "dsv4: {} backend, context {} tokens, state {:.1} MiB allocated ({:.0} bytes/token for compressed rows, {} RoPE dims)",
         backend.name(),
         ctx,
         backend.state_bytes() as f64 / (1 << 20) as f64,
-        per_token
+        per_token,
+        backend.kv_rope()
     );
     let opts = SessionOptions { chunk: a.chunk.max(1), allow_other_quant: a.kv_allow_other_quant, ..Default::default() };
     Ok(Session::new(backend, opts))

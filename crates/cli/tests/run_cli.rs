@@ -144,3 +144,28 @@ fn disk_cache_reuses_a_long_prompt_across_runs() {
     // the hit skipped the cached prefix: the summary reports it as reused
     assert!(reused(&e)[0] >= 2048, "{e}");
 }
+
+/// `--kv-rope bf16`: the start-up line reports it, a chat saved in bf16 mode
+/// loads in bf16 mode and is refused (with the reason) in f32 mode, and a bad
+/// value is a usage error.
+#[test]
+fn kv_rope_flag_reaches_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let save = dir.path().join("bf16.dsv4");
+    let m = model();
+    let m = m.to_str().unwrap();
+    let script = format!("Hello\n/save {}\n/quit\n", save.display());
+    let o = dsv4(&["chat", "-m", m, "-n", "4", "--seed", "5", "--ctx", "512", "--kv-rope", "bf16"], Some(&script));
+    let e = text(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("bf16 RoPE dims"), "{e}");
+    let load = format!("/load {}\n/quit\n", save.display());
+    let o = dsv4(&["chat", "-m", m, "-n", "4", "--ctx", "512", "--kv-rope", "bf16"], Some(&load));
+    let e = text(&o.stderr);
+    assert!(o.status.success() && e.contains("loaded"), "{e}");
+    let o = dsv4(&["chat", "-m", m, "-n", "4", "--ctx", "512"], Some(&load));
+    let e = text(&o.stderr);
+    assert!(e.contains("f32 RoPE dims") && e.contains("saved with --kv-rope bf16") && !e.contains("loaded"), "{e}");
+    let o = dsv4(&["run", "-m", m, "-p", "hi", "--kv-rope", "f16"], None);
+    assert!(!o.status.success() && text(&o.stderr).contains("f32 or bf16"), "{}", text(&o.stderr));
+}

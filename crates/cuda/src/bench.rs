@@ -30,6 +30,8 @@ pub struct BenchOpts {
     pub q8: bool,
     /// measure both numerics on the one model (f32 rows, then `_q8` rows)
     pub both: bool,
+    /// RoPE dims of compressed rows in the state: f32 or bf16 (`--kv-rope`).
+    pub kv_rope: dsv4_engine::pack::RopeStore,
 }
 
 /// Device-to-device copy bandwidth in GB/s (bytes read + written), best of 5.
@@ -53,23 +55,26 @@ pub fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
     Ok(best)
 }
 
-/// KV bytes a decode step reads at context `ctx` (f32 rows, as stored now).
-pub fn kv_decode_bytes(c: &Config, ctx: usize) -> u64 {
+/// KV bytes a decode step reads at context `ctx`: f32 window rows, packed
+/// compressed and indexer rows (device stride; RoPE dims as `rope`).
+pub fn kv_decode_bytes(c: &Config, ctx: usize, rope: dsv4_engine::pack::RopeStore) -> u64 {
+    use dsv4_engine::pack::RowFormat;
+    let (ab, ib) = (crate::model::dev_stride(RowFormat::attn_with(c, rope)) as u64, crate::model::dev_stride(RowFormat::indexer(c)) as u64);
     let mut b = 0u64;
     for l in 0..c.n_layers {
         let r = c.compress_ratios[l];
         let win = c.window.min(ctx + 1);
-        let mut rows = win;
+        let mut rows = 0;
         if r == 4 {
             let vis = (ctx + 1) / 4;
-            rows += vis.min(c.index_topk);
+            rows = vis.min(c.index_topk);
             if vis > c.index_topk {
-                b += (vis * c.index_head_dim * 4) as u64; // indexer scores read every visible row
+                b += vis as u64 * ib; // indexer scores read every visible row
             }
         } else if r != 0 {
-            rows += (ctx + 1) / r;
+            rows = (ctx + 1) / r;
         }
-        b += (rows * c.head_dim * 4) as u64;
+        b += (win * c.head_dim * 4) as u64 + rows as u64 * ab;
     }
     b
 }
@@ -128,6 +133,7 @@ pub fn run(opts: &BenchOpts, print: &mut dyn FnMut(&str)) -> Result<()> {
     let max_ctx = opts.ctx_points.iter().copied().max().unwrap_or(0).max(opts.prefill_tokens) + opts.decode_steps + 8;
     let t = Instant::now();
     let mut m = GpuModel::synthetic(gpu, &cfg, opts.recipe, max_ctx, opts.max_chunk, 7)?;
+    m.kv_rope = opts.kv_rope;
     m.q8 = opts.q8;
     print(&format!("# activations: {}", if opts.q8 { "8-bit for quantised weights (Numerics::Q8)" } else { "f32 (reference numerics)" }));
     print(&format!("# synthetic {:?} model, {} of {} layers, built in {:.1} s, {:.1} GiB on the GPU", opts.recipe, cfg.n_layers, full.n_layers, t.elapsed().as_secs_f64(), m.gpu.allocated.get() as f64 / (1u64 << 30) as f64));
@@ -172,11 +178,11 @@ fn measure(m: &mut GpuModel, opts: &BenchOpts, cfg: &Config, full: &Config, bw: 
             m.eval(&mut st, &tok, Want::default())?;
         }
         let dt = t.elapsed().as_secs_f64() / opts.decode_steps as f64;
-        let bytes = wbytes + kv_decode_bytes(cfg, ctx);
+        let bytes = wbytes + kv_decode_bytes(cfg, ctx, opts.kv_rope);
         let gbps = bytes as f64 / dt / 1e9;
         let t_layer = (dt - t_head).max(0.0) / cfg.n_layers as f64;
         let full_dt = t_head + t_layer * full.n_layers as f64;
-        let full_bytes = full_wbytes + kv_decode_bytes(full, ctx);
+        let full_bytes = full_wbytes + kv_decode_bytes(full, ctx, opts.kv_rope);
         let full_ratio = full_bytes as f64 / full_dt / 1e9 / bw;
         print(&format!(
             "decode{tag},{},{},1,{:.3},{:.1},{:.3},{:.0},{:.3},{:.3},{:.1},{:.3}",

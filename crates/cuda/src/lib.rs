@@ -59,6 +59,7 @@ impl CudaBackend {
             b.finish_and_clear();
         }
         gm.ablate_kv_fp8 = model.ablate_kv_fp8;
+        gm.kv_rope = model.kv_rope;
         gm.q8 = model.numerics == dsv4_engine::Numerics::Q8;
         let state = gm.new_state()?;
         let mtp_state = gm.new_mtp_state()?;
@@ -106,6 +107,9 @@ impl Backend for CudaBackend {
     }
     fn state_bytes(&self) -> usize {
         self.gpu_model.state_bytes(&self.state) + self.mtp_state.as_ref().map_or(0, |s| self.gpu_model.state_bytes(s))
+    }
+    fn kv_rope(&self) -> dsv4_engine::pack::RopeStore {
+        self.gpu_model.kv_rope
     }
     /// Both kinds are host copies of the full state (a Frontier is restorable
     /// in more cases than promised, never fewer).

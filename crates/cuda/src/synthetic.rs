@@ -237,6 +237,7 @@ impl GpuModel {
             omega_yarn,
             s: scratch,
             ablate_kv_fp8: false,
+            kv_rope: Default::default(),
             use_graphs: std::env::var("DSV4_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true),
             q8: false,
         })
@@ -252,10 +253,13 @@ impl GpuModel {
         let g = &self.gpu;
         let mut seed = 12345u64;
         for l in &st.layers {
-            for b in [Some(&l.ring), l.rows.as_ref(), l.idx_rows.as_ref()].into_iter().flatten() {
-                let n = (b.bytes / 4) as u64;
-                seed += 1;
-                launch!(g, "synth_f32", grid_for(n), (256, 1, 1), 0; b.ptr, n, 1.0f32, 0.0f32, seed)?;
+            let n = (l.ring.bytes / 4) as u64;
+            seed += 1;
+            launch!(g, "synth_f32", grid_for(n), (256, 1, 1), 0; l.ring.ptr, n, 1.0f32, 0.0f32, seed)?;
+            // packed rows: 0x38 in every byte is a valid row (FP8 code 1.0,
+            // exponent 2^-71, finite f32/bf16 RoPE dims; FP4 codes 1.5 / -0)
+            for b in [l.rows.as_ref(), l.idx_rows.as_ref()].into_iter().flatten() {
+                g.memset(b.ptr, 0x38, b.bytes)?;
             }
         }
         st.pos = pos;

@@ -195,3 +195,172 @@ fn cuda_q8_mode_within_bounds() {
         }
     }
 }
+
+/// bf16 RoPE state on the GPU (`--kv-rope bf16`): the fixtures stay within the
+/// bounds the CPU's bf16 mode is held to (crates/engine/tests/kv_rope.rs), and
+/// the GPU agrees with the CPU in the same mode.
+#[test]
+fn cuda_bf16_rope_state_matches_bounds() {
+    use dsv4_engine::pack::RopeStore;
+    if !gpu_or_skip() {
+        return;
+    }
+    for name in ["tiny-f32", "tiny-q2", "tiny-q4"] {
+        let dir = fixture_dir(name);
+        let tokens = Tokens::load(&dir.join("tokens.json")).unwrap();
+        let mut m = Model::load(&dir.join("model.gguf")).unwrap();
+        m.kv_rope = RopeStore::Bf16;
+        let model = Arc::new(m);
+        let vocab = model.cfg.vocab;
+        let mut gpu = CudaBackend::new(model.clone(), 4096, 16).unwrap();
+        assert_eq!(gpu.kv_rope(), RopeStore::Bf16);
+        let mut cpu = CpuBackend::new(model.clone());
+        let g = fixture::run(&mut gpu, &tokens, 0, true, true).unwrap();
+        let c = fixture::run(&mut cpu, &tokens, 0, true, true).unwrap();
+        for (f, got, cpu_got) in [
+            ("logits_prefill_last.f32", &g.prefill_last, &c.prefill_last),
+            ("logits_decode.f32", &g.decode, &c.decode),
+            ("logits_stepwise.f32", &g.stepwise, &c.stepwise),
+            ("mtp_logits.f32", &g.mtp, &c.mtp),
+        ] {
+            let want = fixture::read_f32(&dir.join(f)).unwrap();
+            let s = fixture::compare(got, &want, vocab).unwrap();
+            let vs_cpu = fixture::compare(got, cpu_got, vocab).unwrap();
+            let rows: Vec<f32> = (0..s.rows).map(|r| fixture::compare(&got[r * vocab..(r + 1) * vocab], &want[r * vocab..(r + 1) * vocab], vocab).unwrap().max_abs).collect();
+            let within = rows.iter().filter(|&&d| d <= 0.05).count();
+            eprintln!(
+                "{name} cuda bf16 {f}: max_abs vs reference {:.3e} ({within}/{} rows within 0.05), vs CPU bf16 {:.3e} (median row cos {:.6})",
+                s.max_abs,
+                s.rows,
+                vs_cpu.max_abs,
+                vs_cpu.median_row_cosine
+            );
+            if f == "logits_prefill_last.f32" || f == "logits_decode.f32" {
+                assert!(s.max_abs <= 0.05, "{name} {f}: {}", s.max_abs);
+            } else {
+                assert!(within * 100 >= 95 * rows.len(), "{name} {f}: {within} of {} rows within 0.05", rows.len());
+                assert!(s.min_row_cosine >= 0.99 && s.max_abs <= 1.0, "{name} {f}: {s:?}");
+            }
+        }
+    }
+}
+
+/// bf16 RoPE sessions on the GPU: save/load and snapshot/restore continue
+/// bit-identically; a CPU-saved bf16 session loads into the GPU (the packed
+/// bytes go straight to the device) and continues like the CPU; an f32 payload
+/// is refused; the exported rows are the CPU's canonical packing.
+#[test]
+fn cuda_bf16_session_save_load_is_bit_exact() {
+    use dsv4_engine::pack::{PackedRows, RopeStore};
+    use dsv4_engine::session::{Session, SessionOptions};
+    if !gpu_or_skip() {
+        return;
+    }
+    let dir = fixture_dir("tiny-q2");
+    let tokens = Tokens::load(&dir.join("tokens.json")).unwrap();
+    let mut m = Model::load(&dir.join("model.gguf")).unwrap();
+    m.kv_rope = RopeStore::Bf16;
+    let model = Arc::new(m);
+    let mk = || Session::new(Box::new(CudaBackend::new(model.clone(), 1024, 32).unwrap()), SessionOptions::default());
+    let cont = |s: &mut Session| -> Vec<u32> {
+        let mut v = Vec::new();
+        for &t in &tokens.decode {
+            s.extend(&[t], &mut |_, _| {}).unwrap();
+            v.extend(s.logits().iter().map(|x| x.to_bits()));
+        }
+        v
+    };
+    let mut a = mk();
+    a.sync(&tokens.prompt, &mut |_, _| {}).unwrap();
+    let mut payload = Vec::new();
+    a.save(&mut payload).unwrap();
+    assert_eq!(u32::from_le_bytes(payload[12..16].try_into().unwrap()), 1, "payload flags say bf16");
+    let st = a.backend().export_state().unwrap();
+    for l in &st.layers {
+        for rows in [&l.rows, &l.idx_rows] {
+            let mut again = PackedRows::new(rows.format());
+            again.extend_from_f32(&rows.to_f32()).unwrap();
+            assert_eq!(again.as_bytes(), rows.as_bytes(), "exported rows are canonical");
+        }
+    }
+    let snap = a.snapshot().unwrap();
+    let want = cont(&mut a);
+    let mut b = mk();
+    b.load(&mut payload.as_slice()).unwrap();
+    assert_eq!(cont(&mut b), want, "save/load continuation differs");
+    a.restore(&snap).unwrap();
+    assert_eq!(cont(&mut a), want, "snapshot/restore continuation differs");
+    // CPU → GPU in bf16 mode: continues like the CPU session (float noise only)
+    let mut cpu = Session::new(Box::new(CpuBackend::new(model.clone())), SessionOptions::default());
+    cpu.sync(&tokens.prompt, &mut |_, _| {}).unwrap();
+    let mut cpu_payload = Vec::new();
+    cpu.save(&mut cpu_payload).unwrap();
+    let mut c = mk();
+    c.load(&mut cpu_payload.as_slice()).unwrap();
+    let from_cpu: Vec<f32> = cont(&mut c).into_iter().map(f32::from_bits).collect();
+    let cpu_cont: Vec<f32> = cont(&mut cpu).into_iter().map(f32::from_bits).collect();
+    let d = from_cpu.iter().zip(&cpu_cont).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    eprintln!("CPU-saved bf16 session continued on the GPU: max |Δ| vs CPU {d:.3e}");
+    assert!(d < 1e-3, "CPU→GPU bf16 continuation differs by {d}");
+    // an f32 state is refused by a bf16 GPU session
+    let f32_model = Arc::new(Model::load(&dir.join("model.gguf")).unwrap());
+    let mut f = Session::new(Box::new(CudaBackend::new(f32_model, 1024, 32).unwrap()), SessionOptions::default());
+    f.sync(&tokens.prompt[..9], &mut |_, _| {}).unwrap();
+    let mut fp = Vec::new();
+    f.save(&mut fp).unwrap();
+    let e = c.load(&mut fp.as_slice()).unwrap_err().to_string();
+    assert!(e.contains("--kv-rope"), "{e}");
+    assert!(f.load(&mut payload.as_slice()).is_err());
+}
+
+/// The device state figure: a model's allocation equals `gpu_state_bytes`, and
+/// the V4 Flash state at 1M tokens, allocated on the device from the config
+/// (both RoPE stores), measures what the allocation code computes.
+#[test]
+fn cuda_state_bytes_measured() {
+    use dsv4_cuda::model::{alloc_state_for, gpu_state_bytes};
+    use dsv4_engine::pack::RopeStore;
+    if !gpu_or_skip() {
+        return;
+    }
+    let dir = fixture_dir("tiny-q2");
+    for rope in [RopeStore::F32, RopeStore::Bf16] {
+        let mut m = Model::load(&dir.join("model.gguf")).unwrap();
+        m.kv_rope = rope;
+        let model = Arc::new(m);
+        let ctx = 1000;
+        let be = CudaBackend::new(model.clone(), ctx, 16).unwrap();
+        let main = gpu_state_bytes(&model.cfg, ctx, rope).total();
+        // + the MTP block's state (window only: ratio 0)
+        let mtp = if model.has_mtp() { model.cfg.window * model.cfg.head_dim * 4 } else { 0 };
+        assert_eq!(be.state_bytes(), main + mtp, "{rope:?}");
+    }
+    let gpu = dsv4_cuda::Gpu::new(0).unwrap();
+    let cfg = dsv4_engine::Config::v4_flash();
+    let ctx = 1usize << 20;
+    for rope in [RopeStore::F32, RopeStore::Bf16] {
+        let want = gpu_state_bytes(&cfg, ctx, rope);
+        gpu.sync().unwrap();
+        let (free0, _) = cudarc::driver::result::mem_get_info().unwrap();
+        let before = gpu.allocated.get();
+        let st = alloc_state_for(&gpu, &cfg, ctx, rope).unwrap();
+        gpu.sync().unwrap();
+        let (free1, _) = cudarc::driver::result::mem_get_info().unwrap();
+        let got = gpu.allocated.get() - before;
+        println!(
+            "V4 Flash GPU state at {ctx} tokens, {rope} RoPE: allocated {got} B = {:.3} GiB (rows {} + indexer {} + window {} + compressors {}); device free memory fell by {} B = {:.3} GiB",
+            got as f64 / (1u64 << 30) as f64,
+            want.rows,
+            want.idx_rows,
+            want.ring,
+            want.comp,
+            free0 - free1,
+            (free0 - free1) as f64 / (1u64 << 30) as f64
+        );
+        assert_eq!(got, want.total());
+        if rope == RopeStore::Bf16 {
+            assert!(got <= 4 << 30);
+        }
+        drop(st);
+    }
+}

@@ -2,8 +2,10 @@
 //! the gguf crate's dot products) on odd shapes and fresh random inputs.
 //! Skips (passing, with a note) when no GPU is usable.
 
+use dsv4_cuda::model::dev_stride;
 use dsv4_cuda::{launch, Gpu};
 use dsv4_engine::ops;
+use dsv4_engine::pack::{PackedRows, RopeStore, RowFormat};
 use dsv4_gguf::{quant, GgmlType};
 use rand::{Rng, SeedableRng};
 
@@ -15,6 +17,55 @@ fn gpu() -> Option<Gpu> {
             None
         }
     }
+}
+
+/// f32 rows packed by the CPU (pack.rs), laid out at the device stride (pad bytes 0).
+fn dev_packed(fmt: RowFormat, rows: &[f32]) -> Vec<u8> {
+    let mut p = PackedRows::new(fmt);
+    p.extend_from_f32(rows).unwrap();
+    let (rb, st) = (fmt.row_bytes(), dev_stride(fmt));
+    let mut out = vec![0u8; p.len() * st];
+    for (o, r) in out.chunks_exact_mut(st).zip(p.as_bytes().chunks_exact(rb)) {
+        o[..rb].copy_from_slice(r);
+    }
+    out
+}
+
+/// `n` rows read back from the device (stride `dev_stride(fmt)`), padding stripped,
+/// checked by the CPU's `from_bytes` (no NaN codes or exponents).
+fn read_packed(g: &Gpu, ptr: u64, fmt: RowFormat, n: usize) -> PackedRows {
+    let (rb, st) = (fmt.row_bytes(), dev_stride(fmt));
+    let words = g.read_i32(ptr, n * st / 4).unwrap();
+    let raw: &[u8] = bytemuck::cast_slice(&words);
+    let data: Vec<u8> = raw.chunks_exact(st).flat_map(|r| r[..rb].to_vec()).collect();
+    PackedRows::from_bytes(fmt, n, data).unwrap()
+}
+
+/// Rows as the engine emits them: FP8 sim on the non-RoPE dims (RoPE dims
+/// rounded to bf16 for `RopeStore::Bf16`), or the FP4 sim for indexer rows.
+fn on_grid_rows(rng: &mut rand::rngs::StdRng, fmt: RowFormat, n: usize) -> Vec<f32> {
+    let d = fmt.dim();
+    let mut v = Vec::with_capacity(n * d);
+    for r in 0..n {
+        let e: i32 = rng.gen_range(-30..30);
+        let mut row: Vec<f32> = (0..d)
+            .map(|i| match r % 5 {
+                0 => 0.0,
+                1 if i % 3 == 0 => -0.0,
+                2 => rng.gen_range(-1.0f32..1.0) * 1e-7,
+                _ => rng.gen_range(-1.0f32..1.0) * (2.0f32).powi(e),
+            })
+            .collect();
+        match fmt {
+            RowFormat::Fp8 { dim, rope, store } => {
+                ops::fp8_sim_inplace(&mut row[..dim - rope], 64);
+                store.round(&mut row[dim - rope..]);
+            }
+            RowFormat::Fp4 { .. } => ops::fp4_sim_inplace(&mut row, 32),
+        }
+        v.extend_from_slice(&row);
+    }
+    v
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -238,11 +289,19 @@ fn sink_attention_matches_ops() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let (h, d, rd, win) = (6usize, 128usize, 64usize, 8usize);
     let rope = ops::Rope::new(rd, 10000.0, None);
-    for &(n, p0, nrows, use_sel, nsplit) in &[(1usize, 20usize, 9usize, true, 3usize), (3, 5, 0, false, 1), (2, 40, 11, false, 1), (1, 100, 25, false, 4)] {
+    let cases = [(1usize, 20usize, 9usize, true, 3usize, RopeStore::F32), (3, 5, 0, false, 1, RopeStore::F32), (2, 40, 11, false, 1, RopeStore::Bf16), (1, 100, 25, false, 4, RopeStore::F32), (1, 100, 25, false, 4, RopeStore::Bf16), (2, 30, 7, true, 1, RopeStore::Bf16)];
+    for &(n, p0, nrows, use_sel, nsplit, store) in &cases {
         let q: Vec<f32> = (0..n * h * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
         let fresh: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
         let ring: Vec<f32> = (0..win * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-        let rows: Vec<f32> = (0..nrows.max(1) * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        // compressed rows as the compressor leaves them (packed on the device)
+        let fmt = RowFormat::Fp8 { dim: d, rope: rd, store };
+        let mut rows: Vec<f32> = (0..nrows.max(1) * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        for r in rows.chunks_mut(d) {
+            ops::fp8_sim_inplace(&mut r[..d - rd], 64);
+            store.round(&mut r[d - rd..]);
+        }
+        let rows_dev = dev_packed(fmt, &rows);
         let sinks: Vec<f32> = (0..h).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
         let k = 4usize;
         let sel: Vec<i32> = (0..n * k).map(|_| rng.gen_range(0..nrows.max(1) as i32)).collect();
@@ -274,7 +333,9 @@ fn sink_attention_matches_ops() {
             }
         }
         let up = |v: &[f32]| g.upload(v).unwrap();
-        let (dq, df, dr, drows, dsk, om) = (up(&q), up(&fresh), up(&ring), up(&rows), up(&sinks), up(&rope.omega));
+        let (dq, df, dr, dsk, om) = (up(&q), up(&fresh), up(&ring), up(&sinks), up(&rope.omega));
+        let drows = g.upload(&rows_dev).unwrap();
+        let rfmt = (dev_stride(fmt) * 2) as i32 + (store == RopeStore::Bf16) as i32;
         let (dsel, dcnt, dvis, pp) = (g.upload(&sel).unwrap(), g.upload(&cnt).unwrap(), g.upload(&vis).unwrap(), g.upload(&[p0 as i32]).unwrap());
         let out = g.upload(&vec![f32::NAN; n * h * d]).unwrap();
         let part = g.upload(&vec![0.0f32; n * h * nsplit * (d + 2)]).unwrap();
@@ -283,7 +344,7 @@ fn sink_attention_matches_ops() {
         let rows_ptr = if nrows > 0 { drows.ptr } else { 0 };
         let (sel_ptr, sel_ld) = if use_sel { (dsel.ptr, k as i32) } else { (0u64, 0i32) };
         launch!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), (4 * per * 4) as u32;
-            dq.ptr, df.ptr, dr.ptr, rows_ptr, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
+            dq.ptr, df.ptr, dr.ptr, rows_ptr, rfmt, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
             h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32).unwrap();
         if nsplit > 1 {
             launch!(g, "attn_combine", (n as u32, h as u32, 1), (128, 1, 1), 0;
@@ -291,7 +352,7 @@ fn sink_attention_matches_ops() {
         }
         let got = g.read_f32(out.ptr, n * h * d).unwrap();
         let e = rel_err(&got, &want);
-        assert!(e < 1e-5, "attention n {n} p0 {p0} rows {nrows} sel {use_sel} splits {nsplit}: rel err {e}");
+        assert!(e < 1e-5, "attention n {n} p0 {p0} rows {nrows} sel {use_sel} splits {nsplit} {store:?}: rel err {e}");
     }
 }
 
@@ -364,15 +425,19 @@ fn router_matches_cpu() {
     }
 }
 
-/// Compressor kernels (streaming update + row finishing) against a CPU
-/// reference written from spec §7 with the `ops` functions, over chunks that
-/// straddle window boundaries, for both overlap (ratio 4) and plain ratios.
+/// Compressor kernels (streaming update + row finishing + packing) against a
+/// CPU reference written from spec §7 with the `ops` functions, over chunks that
+/// straddle window boundaries, for both overlap (ratio 4) and plain ratios and
+/// both RoPE stores. comp_finish writes packed rows (pack.rs layout at the
+/// device stride): they must be valid, canonical (the CPU re-packs the decoded
+/// values to the same bytes) and, in bf16 mode, hold exactly the bf16 rounding
+/// of the f32 mode's RoPE dims.
 #[test]
 fn compressor_matches_cpu_reference() {
     let Some(g) = gpu() else { return };
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     let rope = ops::Rope::new(64, 160000.0, Some(ops::Yarn { factor: 16.0, original_ctx: 65536.0, beta_fast: 32.0, beta_slow: 1.0 }));
-    for &(ratio, d, is_idx) in &[(4usize, 128usize, false), (4, 64, true), (8, 128, false)] {
+    for &(ratio, d, is_idx) in &[(4usize, 128usize, false), (4, 64, true), (8, 128, false), (4, 192, false)] {
         let coff = if ratio == 4 { 2 } else { 1 };
         let w = coff * d;
         let slots = if coff == 2 { 2 * ratio } else { ratio };
@@ -381,74 +446,144 @@ fn compressor_matches_cpu_reference() {
         let total = 29usize;
         let kv: Vec<f32> = (0..total * w).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
         let sc: Vec<f32> = (0..total * w).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
-        // CPU reference
-        let mut skv = vec![0.0f32; slots * w];
-        let mut ssc = vec![f32::NEG_INFINITY; slots * w];
-        let mut want_rows: Vec<f32> = Vec::new();
-        for p in 0..total {
-            let slot = if coff == 2 { ratio + p % ratio } else { p % ratio };
-            for i in 0..w {
-                skv[slot * w + i] = kv[p * w + i];
-                ssc[slot * w + i] = sc[p * w + i] + ape[(p % ratio) * w + i];
+        let stores: &[RopeStore] = if is_idx { &[RopeStore::F32] } else { &[RopeStore::F32, RopeStore::Bf16] };
+        let mut f32_mode_rows: Vec<f32> = Vec::new();
+        for &store in stores {
+            // CPU reference
+            let mut skv = vec![0.0f32; slots * w];
+            let mut ssc = vec![f32::NEG_INFINITY; slots * w];
+            let mut want_rows: Vec<f32> = Vec::new();
+            for p in 0..total {
+                let slot = if coff == 2 { ratio + p % ratio } else { p % ratio };
+                for i in 0..w {
+                    skv[slot * w + i] = kv[p * w + i];
+                    ssc[slot * w + i] = sc[p * w + i] + ape[(p % ratio) * w + i];
+                }
+                if (p + 1) % ratio != 0 {
+                    continue;
+                }
+                let mut vals: Vec<&[f32]> = Vec::new();
+                let mut scs: Vec<&[f32]> = Vec::new();
+                if coff == 2 {
+                    for s in 0..ratio {
+                        vals.push(&skv[s * w..s * w + d]);
+                        scs.push(&ssc[s * w..s * w + d]);
+                    }
+                    for s in ratio..2 * ratio {
+                        vals.push(&skv[s * w + d..(s + 1) * w]);
+                        scs.push(&ssc[s * w + d..(s + 1) * w]);
+                    }
+                } else {
+                    for s in 0..ratio {
+                        vals.push(&skv[s * w..(s + 1) * w]);
+                        scs.push(&ssc[s * w..(s + 1) * w]);
+                    }
+                }
+                let mut row = vec![0.0f32; d];
+                ops::softmax_pool(&vals, &scs, &mut row);
+                ops::rmsnorm_inplace(&mut row, &norm, 1e-6);
+                rope.apply(&mut row[d - 64..], p + 1 - ratio, false);
+                if is_idx {
+                    ops::hadamard_inplace(&mut row);
+                    ops::fp4_sim_inplace(&mut row, 32);
+                } else {
+                    ops::fp8_sim_inplace(&mut row[..d - 64], 64);
+                    store.round(&mut row[d - 64..]);
+                }
+                want_rows.extend_from_slice(&row);
+                if coff == 2 {
+                    skv.copy_within(ratio * w..2 * ratio * w, 0);
+                    ssc.copy_within(ratio * w..2 * ratio * w, 0);
+                }
             }
-            if (p + 1) % ratio != 0 {
+            // GPU, in chunks of 5 tokens
+            let fmt = if is_idx { RowFormat::Fp4 { dim: d } } else { RowFormat::Fp8 { dim: d, rope: 64, store } };
+            let stride = dev_stride(fmt);
+            let up = |v: &[f32]| g.upload(v).unwrap();
+            let (dape, dnorm, om) = (up(&ape), up(&norm), up(&rope.omega));
+            let dkvs = up(&vec![0.0f32; slots * w]);
+            let dscs = up(&vec![f32::NEG_INFINITY; slots * w]);
+            let rows = g.upload(&vec![0xABu8; (total / ratio + 1) * stride]).unwrap(); // poisoned
+            let pooled = up(&vec![0.0f32; 8 * d]);
+            let pp = g.upload(&[0i32]).unwrap();
+            let mut p0 = 0usize;
+            while p0 < total {
+                let n = 5.min(total - p0);
+                g.write_i32(&pp, 0, &[p0 as i32]).unwrap();
+                let (ckv, csc) = (up(&kv[p0 * w..(p0 + n) * w]), up(&sc[p0 * w..(p0 + n) * w]));
+                launch!(g, "comp_update", ((d as u32).div_ceil(128), 1, 1), (128, 1, 1), 0;
+                    ckv.ptr, csc.ptr, dape.ptr, dkvs.ptr, dscs.ptr, n as i32, pp.ptr, ratio as i32, coff as i32, d as i32, pooled.ptr).unwrap();
+                launch!(g, "comp_finish", ((n / ratio + 1) as u32, 1, 1), (128, 1, 1), 0;
+                    pooled.ptr, rows.ptr, stride as i32, pp.ptr, n as i32, d as i32, 64i32, om.ptr, dnorm.ptr, 1e-6f32, ratio as i32, is_idx as i32,
+                    (store == RopeStore::Bf16) as i32).unwrap();
+                p0 += n;
+            }
+            let n_rows = total / ratio;
+            let packed = read_packed(&g, rows.ptr, fmt, n_rows);
+            let got = packed.to_f32();
+            assert_eq!(got.len(), want_rows.len());
+            let bad = got.iter().zip(&want_rows).filter(|(a, b)| (*a - *b).abs() > 1e-4 * (1.0 + b.abs())).count();
+            assert!(bad <= got.len() / 200, "compressor ratio {ratio} d {d} {store:?}: {bad} of {} values differ", got.len());
+            let mut again = PackedRows::new(fmt);
+            again.extend_from_f32(&got).unwrap();
+            assert_eq!(again.as_bytes(), packed.as_bytes(), "ratio {ratio} d {d} {store:?}: GPU packing is not the CPU's canonical one");
+            if is_idx {
                 continue;
             }
-            let mut vals: Vec<&[f32]> = Vec::new();
-            let mut scs: Vec<&[f32]> = Vec::new();
-            if coff == 2 {
-                for s in 0..ratio {
-                    vals.push(&skv[s * w..s * w + d]);
-                    scs.push(&ssc[s * w..s * w + d]);
-                }
-                for s in ratio..2 * ratio {
-                    vals.push(&skv[s * w + d..(s + 1) * w]);
-                    scs.push(&ssc[s * w + d..(s + 1) * w]);
-                }
+            if store == RopeStore::F32 {
+                f32_mode_rows = got;
             } else {
-                for s in 0..ratio {
-                    vals.push(&skv[s * w..(s + 1) * w]);
-                    scs.push(&ssc[s * w..(s + 1) * w]);
+                for (rb, rf) in got.chunks(d).zip(f32_mode_rows.chunks(d)) {
+                    let mut want = rf.to_vec();
+                    RopeStore::Bf16.round(&mut want[d - 64..]);
+                    assert!(rb.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "ratio {ratio} d {d}: bf16 row is not the f32 row rounded");
                 }
-            }
-            let mut row = vec![0.0f32; d];
-            ops::softmax_pool(&vals, &scs, &mut row);
-            ops::rmsnorm_inplace(&mut row, &norm, 1e-6);
-            rope.apply(&mut row[d - 64..], p + 1 - ratio, false);
-            if is_idx {
-                ops::hadamard_inplace(&mut row);
-                ops::fp4_sim_inplace(&mut row, 32);
-            } else {
-                ops::fp8_sim_inplace(&mut row[..d - 64], 64);
-            }
-            want_rows.extend_from_slice(&row);
-            if coff == 2 {
-                skv.copy_within(ratio * w..2 * ratio * w, 0);
-                ssc.copy_within(ratio * w..2 * ratio * w, 0);
             }
         }
-        // GPU, in chunks of 5 tokens
-        let up = |v: &[f32]| g.upload(v).unwrap();
-        let (dape, dnorm, om) = (up(&ape), up(&norm), up(&rope.omega));
-        let dkvs = up(&vec![0.0f32; slots * w]);
-        let dscs = up(&vec![f32::NEG_INFINITY; slots * w]);
-        let rows = up(&vec![f32::NAN; (total / ratio + 1) * d]);
-        let pooled = up(&vec![0.0f32; 8 * d]);
-        let pp = g.upload(&[0i32]).unwrap();
-        let mut p0 = 0usize;
-        while p0 < total {
-            let n = 5.min(total - p0);
-            g.write_i32(&pp, 0, &[p0 as i32]).unwrap();
-            let (ckv, csc) = (up(&kv[p0 * w..(p0 + n) * w]), up(&sc[p0 * w..(p0 + n) * w]));
-            launch!(g, "comp_update", ((d as u32).div_ceil(128), 1, 1), (128, 1, 1), 0;
-                ckv.ptr, csc.ptr, dape.ptr, dkvs.ptr, dscs.ptr, n as i32, pp.ptr, ratio as i32, coff as i32, d as i32, pooled.ptr).unwrap();
-            launch!(g, "comp_finish", ((n / ratio + 1) as u32, 1, 1), (128, 1, 1), 0;
-                pooled.ptr, rows.ptr, pp.ptr, n as i32, d as i32, 64i32, om.ptr, dnorm.ptr, 1e-6f32, ratio as i32, is_idx as i32).unwrap();
-            p0 += n;
-        }
-        let got = g.read_f32(rows.ptr, want_rows.len()).unwrap();
-        let bad = got.iter().zip(&want_rows).filter(|(a, b)| (*a - *b).abs() > 1e-4 * (1.0 + b.abs())).count();
-        assert!(bad <= got.len() / 200, "compressor ratio {ratio} d {d}: {bad} of {} values differ", got.len());
+    }
+}
+
+/// The packing and decoding device code (pack_rows / unpack_rows run the same
+/// functions as comp_finish / sink_attn / index_scores) against pack.rs on odd
+/// shapes: identical bytes, bit-identical values.
+#[test]
+fn packed_rows_match_cpu_pack() {
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let fmts = [
+        RowFormat::Fp8 { dim: 512, rope: 64, store: RopeStore::F32 },
+        RowFormat::Fp8 { dim: 512, rope: 64, store: RopeStore::Bf16 },
+        RowFormat::Fp8 { dim: 128, rope: 64, store: RopeStore::Bf16 },
+        RowFormat::Fp8 { dim: 200, rope: 72, store: RopeStore::F32 },
+        RowFormat::Fp8 { dim: 200, rope: 72, store: RopeStore::Bf16 },
+        RowFormat::Fp8 { dim: 100, rope: 4, store: RopeStore::F32 },
+        RowFormat::Fp4 { dim: 128 },
+        RowFormat::Fp4 { dim: 64 },
+        RowFormat::Fp4 { dim: 50 },
+        RowFormat::Fp4 { dim: 33 },
+    ];
+    for fmt in fmts {
+        let n = 37usize;
+        let d = fmt.dim();
+        let (kind, rd, bf16) = match fmt {
+            RowFormat::Fp8 { rope, store, .. } => (0i32, rope, (store == RopeStore::Bf16) as i32),
+            RowFormat::Fp4 { .. } => (1, 0, 0),
+        };
+        let v = on_grid_rows(&mut rng, fmt, n);
+        let stride = dev_stride(fmt);
+        let dv = g.upload(&v).unwrap();
+        let rows = g.upload(&vec![0u8; n * stride]).unwrap();
+        launch!(g, "pack_rows", (5, 1, 1), (128, 1, 1), 0; dv.ptr, n as i32, d as i32, rd as i32, bf16, kind, rows.ptr, stride as i32).unwrap();
+        let got = read_packed(&g, rows.ptr, fmt, n);
+        let mut want = PackedRows::new(fmt);
+        want.extend_from_f32(&v).unwrap();
+        assert_eq!(got.as_bytes(), want.as_bytes(), "{fmt:?}: device packing differs from pack.rs");
+        // decode the CPU's bytes on the device
+        let src = g.upload(&dev_packed(fmt, &v)).unwrap();
+        let out = g.upload(&vec![f32::NAN; n * d]).unwrap();
+        launch!(g, "unpack_rows", (7, 1, 1), (96, 1, 1), 0; src.ptr, stride as i32, n as i32, d as i32, rd as i32, bf16, kind, out.ptr).unwrap();
+        let dec = g.read_f32(out.ptr, n * d).unwrap();
+        assert!(dec.iter().zip(&v).all(|(a, b)| a.to_bits() == b.to_bits()), "{fmt:?}: device decode is not bit-exact");
     }
 }
 
@@ -463,11 +598,14 @@ fn index_scores_swiglu_reduce_head_embed_match_cpu() {
     let ld = 50usize;
     let q: Vec<f32> = (0..n * ih * id).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
     let w: Vec<f32> = (0..n * ih).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-    let krows: Vec<f32> = (0..ld * id).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    // key rows as the indexer compressor leaves them: FP4, packed on the device
+    let kfmt = RowFormat::Fp4 { dim: id };
+    let krows = on_grid_rows(&mut rng, kfmt, ld);
+    let kdev = g.upload(&dev_packed(kfmt, &krows)).unwrap();
     let scores = up(&vec![0.0f32; n * ld]);
     let dv = g.upload(&vis).unwrap();
     launch!(g, "index_scores", (3, n as u32, 1), (256, 1, 1), ((ih * (id + 1) + 8 * id) * 4) as u32;
-        up(&q).ptr, up(&w).ptr, up(&krows).ptr, dv.ptr, ih as i32, id as i32, 0.5f32, scores.ptr, ld as i32, k as i32).unwrap();
+        up(&q).ptr, up(&w).ptr, kdev.ptr, dev_stride(kfmt) as i32, dv.ptr, ih as i32, id as i32, 0.5f32, scores.ptr, ld as i32, k as i32).unwrap();
     let got = g.read_f32(scores.ptr, n * ld).unwrap();
     for t in 0..n {
         for i in 0..vis[t] as usize {

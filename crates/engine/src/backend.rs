@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::error::{EngineError, Result};
 use crate::model::{EvalOutput, Model, State, Want};
+use crate::pack::RopeStore;
 use crate::state_io::{Fingerprint, Frontier};
 
 /// What a snapshot keeps.
@@ -64,6 +65,11 @@ pub trait Backend: Send {
     /// Bytes of sequence state allocated now (host or device), for reports.
     fn state_bytes(&self) -> usize {
         0
+    }
+    /// How the state holds the RoPE dims of compressed attention rows (saved
+    /// states record it; one of the other kind is refused).
+    fn kv_rope(&self) -> RopeStore {
+        RopeStore::F32
     }
     /// Consume `tokens` at `pos()`; returns the last (or every) token's logits.
     fn eval(&mut self, tokens: &[u32], want: Want) -> Result<EvalOutput>;
@@ -135,6 +141,9 @@ impl Backend for CpuBackend {
     }
     fn state_bytes(&self) -> usize {
         self.state.heap_bytes() + self.mtp_state.as_ref().map_or(0, |s| s.heap_bytes())
+    }
+    fn kv_rope(&self) -> RopeStore {
+        self.state.kv_rope()
     }
     fn eval(&mut self, tokens: &[u32], want: Want) -> Result<EvalOutput> {
         if self.state.pos + tokens.len() > self.ctx {

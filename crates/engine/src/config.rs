@@ -278,7 +278,12 @@ impl Config {
     /// Bytes of main-model sequence state at `ctx` tokens as this engine stores
     /// it (packed rows, f32 RoPE dims, f32 window and compressor state).
     pub fn state_bytes(&self, ctx: usize) -> crate::pack::StateBytes {
-        crate::pack::StateBytes::for_ctx(self, ctx, crate::pack::RopeStore::F32)
+        self.state_bytes_with(ctx, crate::pack::RopeStore::F32)
+    }
+
+    /// `state_bytes` with the compressed rows' RoPE dims held as `rope` (`--kv-rope`).
+    pub fn state_bytes_with(&self, ctx: usize, rope: crate::pack::RopeStore) -> crate::pack::StateBytes {
+        crate::pack::StateBytes::for_ctx(self, ctx, rope)
     }
 
     /// The same shape with only the first `n` layers (benchmarks on smaller GPUs).

@@ -7,7 +7,8 @@
 //! a byte prefix of a new prompt's rendering. File layout (little-endian):
 //! ```text
 //! 0  u8[4] magic "DKVC"         4  u32 version = 1
-//! 8  u8 save reason (0 unknown, 1 cold, 2 continued, 3 evict, 4 shutdown), u8[3] 0
+//! 8  u8 save reason (0 unknown, 1 cold, 2 continued, 3 evict, 4 shutdown)
+//! 9  u8 RoPE precision of the state's compressed rows (0 f32, 1 bf16), u8[2] 0
 //! 12 u32 token count            16 u64 fingerprint.arch
 //! 24 u64 fingerprint.base       32 u64 fingerprint.full
 //! 40 u64 creation unix time     48 u64 text length T
@@ -21,7 +22,10 @@
 //! so a reader sees either the old file, the new file or none; stale `.tmp`
 //! files of dead writers are removed at open. A file that is truncated,
 //! corrupt, of another version or of another model is skipped with a warning
-//! (and removed when it is unreadable), never loaded.
+//! (and removed when it is unreadable), never loaded. A checkpoint of another
+//! state precision (`--kv-rope f32` vs `bf16`; files written before the option
+//! existed have 0 there, f32) is valid for the other setting: it is skipped
+//! with a warning and kept.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -31,6 +35,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sha1::{Digest, Sha1};
 
 use crate::error::{EngineError, Result};
+use crate::pack::RopeStore;
 use crate::session::Session;
 use crate::state_io::Fingerprint;
 
@@ -77,6 +82,9 @@ pub struct DiskCacheOptions {
     pub continued_interval: usize,
     /// Accept checkpoints of the same model in another routed-expert quantisation.
     pub allow_other_quant: bool,
+    /// The RoPE precision of the sessions this cache serves (`Backend::kv_rope`):
+    /// `lookup` only offers checkpoints of it.
+    pub kv_rope: RopeStore,
 }
 
 impl DiskCacheOptions {
@@ -90,6 +98,7 @@ impl DiskCacheOptions {
             align_tokens: 2048,
             continued_interval: 10240,
             allow_other_quant: false,
+            kv_rope: RopeStore::F32,
         }
     }
 }
@@ -102,10 +111,13 @@ pub struct Entry {
     pub text_len: usize,
     pub reason: SaveReason,
     pub file_bytes: u64,
+    /// RoPE precision of the saved state.
+    pub kv_rope: RopeStore,
 }
 
 struct Header {
     reason: SaveReason,
+    kv_rope: RopeStore,
     tokens: u32,
     fp: Fingerprint,
     created: u64,
@@ -120,6 +132,7 @@ impl Header {
         h[0..4].copy_from_slice(&FILE_MAGIC);
         h[4..8].copy_from_slice(&FILE_VERSION.to_le_bytes());
         h[8] = self.reason as u8;
+        h[9] = rope_byte(self.kv_rope);
         h[12..16].copy_from_slice(&self.tokens.to_le_bytes());
         h[16..24].copy_from_slice(&self.fp.arch.to_le_bytes());
         h[24..32].copy_from_slice(&self.fp.base.to_le_bytes());
@@ -144,8 +157,14 @@ impl Header {
         if v != FILE_VERSION {
             return Err(format!("version {v}, this engine reads {FILE_VERSION}"));
         }
+        let kv_rope = match h[9] {
+            0 => RopeStore::F32,
+            1 => RopeStore::Bf16,
+            b => return Err(format!("unknown RoPE precision {b}")),
+        };
         Ok(Header {
             reason: SaveReason::from_u8(h[8]),
+            kv_rope,
             tokens: u32at(12),
             fp: Fingerprint { arch: u64at(16), base: u64at(24), full: u64at(32) },
             created: u64at(40),
@@ -153,6 +172,13 @@ impl Header {
             payload_len: u64at(56),
             ctx: u32at(64),
         })
+    }
+}
+
+fn rope_byte(r: RopeStore) -> u8 {
+    match r {
+        RopeStore::F32 => 0,
+        RopeStore::Bf16 => 1,
     }
 }
 
@@ -238,6 +264,7 @@ impl DiskCache {
             let end = f.stream_position()?;
             let h = Header {
                 reason,
+                kv_rope: session.backend().kv_rope(),
                 tokens: session.pos() as u32,
                 fp: session.backend().fingerprint(),
                 created: now_unix(),
@@ -296,7 +323,7 @@ impl DiskCache {
                     if !self.fingerprint.accepts(&h.fp, self.opts.allow_other_quant) {
                         continue; // another model's checkpoint: not ours to judge or delete
                     }
-                    let entry = Entry { path, tokens: h.tokens as usize, text_len: text.len(), reason: h.reason, file_bytes: size };
+                    let entry = Entry { path, tokens: h.tokens as usize, text_len: text.len(), reason: h.reason, file_bytes: size, kv_rope: h.kv_rope };
                     out.push((entry, text));
                 }
                 Err(why) => {
@@ -308,18 +335,35 @@ impl DiskCache {
         out
     }
 
-    /// The checkpoint whose text is the longest byte prefix of `rendered`.
+    /// The checkpoint whose text is the longest byte prefix of `rendered`, among
+    /// those of this cache's RoPE precision (`opts.kv_rope`). A longer match of
+    /// the other precision is reported with a warning and left alone.
     pub fn lookup(&self, rendered: &[u8]) -> Option<Entry> {
-        self.scan()
-            .into_iter()
-            .filter(|(e, text)| e.tokens > 0 && rendered.starts_with(text))
-            .max_by_key(|(e, _)| e.text_len)
-            .map(|(e, _)| e)
+        let hits: Vec<Entry> = self.scan().into_iter().filter(|(e, text)| e.tokens > 0 && rendered.starts_with(text)).map(|(e, _)| e).collect();
+        let best = hits.iter().filter(|e| e.kv_rope == self.opts.kv_rope).max_by_key(|e| e.text_len).cloned();
+        if let Some(o) = hits.iter().filter(|e| e.kv_rope != self.opts.kv_rope).max_by_key(|e| e.text_len) {
+            if best.as_ref().is_none_or(|b| o.text_len > b.text_len) {
+                (self.warn)(&format!(
+                    "not using {} ({} tokens): saved with --kv-rope {}, this session uses --kv-rope {}",
+                    o.path.display(),
+                    o.tokens,
+                    o.kv_rope,
+                    self.opts.kv_rope
+                ));
+            }
+        }
+        best
     }
 
     /// Loads an entry into `session`; on any problem the file is reported and
     /// removed, the session is left as it was, and `Ok(false)` is returned.
     pub fn load_into(&self, entry: &Entry, session: &mut Session) -> Result<bool> {
+        let want = session.backend().kv_rope();
+        if entry.kv_rope != want {
+            // a valid checkpoint for the other setting: skip it, keep the file
+            (self.warn)(&format!("skipping {}: saved with --kv-rope {}, this session uses --kv-rope {want}", entry.path.display(), entry.kv_rope));
+            return Ok(false);
+        }
         let res = (|| -> std::result::Result<(), String> {
             let (_, _, _) = self.read_head(&entry.path)?;
             let mut f = BufReader::with_capacity(1 << 20, File::open(&entry.path).map_err(|e| e.to_string())?);

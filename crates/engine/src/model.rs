@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::config::Config;
 use crate::error::{EngineError, Result};
 use crate::ops::{self, HcWeights, Rope};
-use crate::pack::{PackedRows, RowFormat};
+use crate::pack::{PackedRows, RopeStore, RowFormat};
 use crate::weights::{Block, Compressor, HcParams, Mat, Weights};
 
 /// How dot products against quantised weights treat activations.
@@ -37,6 +37,10 @@ pub struct Model {
     pub cfg: Config,
     pub w: Weights,
     pub numerics: Numerics,
+    /// How the RoPE dims of compressed attention rows are held in the state:
+    /// f32 (default, exact vs the f32 reference) or rounded to bf16 at emission
+    /// (the official cache precision; smaller state). Set before making states.
+    pub kv_rope: RopeStore,
     rope_plain: Rope,
     rope_yarn: Rope,
     /// Largest number of tokens processed per internal pass (bounds activation memory).
@@ -69,9 +73,11 @@ pub struct CompState {
 /// Everything one layer carries between tokens (spec §14).
 ///
 /// The compressed rows are held packed (see `pack`): they are exactly on the
-/// FP8 / FP4 grids, so packing is lossless and takes ~5x less memory than f32.
-/// `rows_f32` / `set_rows_from_f32` (and the `idx_` pair) convert for code that
-/// wants plain f32 rows (the CUDA backend's state export/import).
+/// FP8 / FP4 grids (and, with `RopeStore::Bf16`, their RoPE dims on bf16), so
+/// packing is lossless and takes ~3-4x less memory than f32. `rows` /
+/// `idx_rows` expose the packed bytes (the CUDA backend copies them to and from
+/// the device as they are); `rows_f32` / `set_rows_from_f32` (and the `idx_`
+/// pair) convert for code that wants plain f32 rows.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct LayerState {
     /// `[window][head_dim]`, slot = position mod window.
@@ -99,6 +105,11 @@ impl LayerState {
         l.set_rows_from_f32(rows)?;
         l.set_idx_rows_from_f32(idx_rows)?;
         Ok(l)
+    }
+
+    /// How this state holds the RoPE dims of its compressed attention rows.
+    pub fn kv_rope(&self) -> RopeStore {
+        self.rows.format().rope_store().unwrap_or_default()
     }
 
     /// The compressed attention rows as f32, `[n][head_dim]` (bit-exact).
@@ -177,7 +188,7 @@ impl Model {
         files.extend(mtp_file.as_deref());
         let fingerprint = crate::state_io::Fingerprint::of_gguf(&cfg, &files);
         let rope_yarn = Rope::new(cfg.rope_dim, cfg.compress_rope_theta, Some(cfg.yarn()));
-        Ok(Model { cfg, w, numerics: Numerics::F32, rope_plain, rope_yarn, max_chunk: 512, ablate_kv_fp8: false, fingerprint, observer: None })
+        Ok(Model { cfg, w, numerics: Numerics::F32, kv_rope: RopeStore::F32, rope_plain, rope_yarn, max_chunk: 512, ablate_kv_fp8: false, fingerprint, observer: None })
     }
 
     pub fn has_mtp(&self) -> bool {
@@ -186,12 +197,12 @@ impl Model {
 
     /// Fresh state for the main model (position 0, empty history).
     pub fn new_state(&self) -> State {
-        State { pos: 0, layers: self.w.blocks.iter().map(|b| layer_state(&self.cfg, b)).collect() }
+        State { pos: 0, layers: self.w.blocks.iter().map(|b| layer_state(&self.cfg, b, self.kv_rope)).collect() }
     }
 
     /// Fresh state for the MTP block (its own window cache).
     pub fn new_mtp_state(&self) -> Option<State> {
-        self.w.mtp.as_ref().map(|m| State { pos: 0, layers: vec![layer_state(&self.cfg, &m.block)] })
+        self.w.mtp.as_ref().map(|m| State { pos: 0, layers: vec![layer_state(&self.cfg, &m.block, self.kv_rope)] })
     }
 
     fn rope(&self, layer: usize) -> &Rope {
@@ -416,6 +427,8 @@ impl Model {
                 ops::fp4_sim_inplace(&mut row, 32);
             } else {
                 ops::fp8_sim_inplace(&mut row[..d - rd], 64);
+                // the state's RoPE precision: bf16 rounds here, before the row is stored or used
+                self.kv_rope.round(&mut row[d - rd..]);
             }
             rows.push(&row)?;
             #[cfg(debug_assertions)]
@@ -685,10 +698,10 @@ impl Model {
     }
 }
 
-fn layer_state(c: &Config, b: &Block) -> LayerState {
+fn layer_state(c: &Config, b: &Block, rope: RopeStore) -> LayerState {
     LayerState {
         ring: vec![0.0; c.window * c.head_dim],
-        rows: PackedRows::new(RowFormat::attn(c)),
+        rows: PackedRows::new(RowFormat::attn_with(c, rope)),
         comp: b.attn.compressor.as_ref().map(CompState::new),
         idx_rows: PackedRows::new(RowFormat::indexer(c)),
         idx_comp: b.attn.indexer.as_ref().map(|ix| CompState::new(&ix.compressor)),

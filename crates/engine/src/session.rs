@@ -316,7 +316,7 @@ impl Session {
     /// (model fingerprint, shapes, checksum) before the live state is touched.
     pub fn load(&mut self, r: &mut dyn Read) -> Result<()> {
         let cfg = self.config().clone();
-        let (meta, st) = read_payload(r, &cfg, &State::empty_for(&cfg))?;
+        let (meta, st) = read_payload(r, &cfg, &State::empty_for_rope(&cfg, self.backend.kv_rope()))?;
         if !self.backend.fingerprint().accepts(&meta.fingerprint, self.opts.allow_other_quant) {
             return Err(EngineError::Input("saved state belongs to a different model".into()));
         }
@@ -333,8 +333,13 @@ impl Session {
 
 impl State {
     /// A fresh state (position 0) for a model of this config, built from the
-    /// config alone (the shapes `Model::new_state` gives).
+    /// config alone (the shapes `Model::new_state` gives), with f32 RoPE rows.
     pub fn empty_for(cfg: &Config) -> State {
+        State::empty_for_rope(cfg, crate::pack::RopeStore::F32)
+    }
+
+    /// `empty_for` with the compressed rows' RoPE dims held as `rope`.
+    pub fn empty_for_rope(cfg: &Config, rope: crate::pack::RopeStore) -> State {
         let comp = |coff: usize, r: usize, d: usize| {
             let n = if coff == 2 { 2 * r } else { r } * coff * d;
             CompState { kv: vec![0.0; n], score: vec![f32::NEG_INFINITY; n] }
@@ -344,7 +349,7 @@ impl State {
                 let r = cfg.compress_ratios.get(l).copied().unwrap_or(0);
                 LayerState {
                     ring: vec![0.0; cfg.window * cfg.head_dim],
-                    rows: crate::pack::PackedRows::new(crate::pack::RowFormat::attn(cfg)),
+                    rows: crate::pack::PackedRows::new(crate::pack::RowFormat::attn_with(cfg, rope)),
                     comp: (r != 0).then(|| comp(cfg.coff(l), r, cfg.head_dim)),
                     idx_rows: crate::pack::PackedRows::new(crate::pack::RowFormat::indexer(cfg)),
                     idx_comp: cfg.has_indexer(l).then(|| comp(2, r, cfg.index_head_dim)),

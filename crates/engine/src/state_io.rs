@@ -16,7 +16,7 @@
 //!
 //! Payload layout (version 2, little-endian):
 //! ```text
-//! u8[8]  magic "DSV4SES\0"      u32 version = 2        u32 flags = 0
+//! u8[8]  magic "DSV4SES\0"      u32 version = 2        u32 flags (bit 0: bf16 RoPE rows)
 //! u64    fingerprint.arch       u64 fingerprint.base   u64 fingerprint.full
 //! u64    n tokens               u32 n_layers  u32 window  u32 head_dim
 //! u32    index_head_dim         u32 vocab     u32 logits length (0 or vocab)
@@ -30,20 +30,28 @@
 //! u32    crc32 of every byte above
 //! ```
 //! Rows are stored as the engine holds them: packed (FP8 codes + exponents + f32
-//! RoPE dims; FP4 codes + exponents), which is lossless. Version 1 payloads (the
-//! same layout without the two row-size words, rows as f32) are still read: their
-//! rows are packed on load, exactly. The MTP block's state is not saved (it is a
-//! drafting cache; a loaded session starts it empty).
+//! or bf16 RoPE dims; FP4 codes + exponents), which is lossless. Flag bit 0 says
+//! the state's RoPE precision (`pack::RopeStore`, `--kv-rope`): set for bf16,
+//! clear for f32 (so every payload written before the option existed reads as
+//! f32). A payload of the other precision is refused with an error naming both:
+//! its values were computed under other numerics, so continuing from it would
+//! not be the same computation. Unknown flag bits are refused too. Version 1
+//! payloads (the same layout without the two row-size words, rows as f32, f32
+//! RoPE) are still read into f32 states: their rows are packed on load, exactly.
+//! The MTP block's state is not saved (it is a drafting cache; a loaded session
+//! starts it empty).
 
 use std::io::{Read, Write};
 
 use crate::config::Config;
 use crate::error::{EngineError, Result};
 use crate::model::{CompState, LayerState, State};
-use crate::pack::{PackedRows, RowFormat};
+use crate::pack::{PackedRows, RopeStore, RowFormat};
 
 pub const PAYLOAD_MAGIC: [u8; 8] = *b"DSV4SES\0";
 pub const PAYLOAD_VERSION: u32 = 2;
+/// Payload flag: the compressed rows' RoPE dims are bf16 (`RopeStore::Bf16`).
+pub const FLAG_BF16_ROPE: u32 = 1;
 /// Sanity bound on token counts read from a payload (larger than any context).
 const MAX_TOKENS: u64 = 1 << 26;
 
@@ -118,6 +126,11 @@ fn comp_bytes(c: &Option<CompState>) -> usize {
 }
 
 impl State {
+    /// How this state holds the RoPE dims of compressed attention rows.
+    pub fn kv_rope(&self) -> RopeStore {
+        self.layers.first().map(|l| l.kv_rope()).unwrap_or_default()
+    }
+
     /// Bytes held by this state's buffers (allocated capacity, not just used).
     pub fn heap_bytes(&self) -> usize {
         self.layers
@@ -293,7 +306,8 @@ pub fn write_payload(w: &mut dyn Write, cfg: &Config, meta: &PayloadMeta, st: &S
     let mut w = CrcWriter { inner: w, crc: crc32fast::Hasher::new() };
     let mut head = Vec::with_capacity(96);
     head.extend_from_slice(&PAYLOAD_MAGIC);
-    for v in [PAYLOAD_VERSION, 0] {
+    let flags = if st.kv_rope() == RopeStore::Bf16 { FLAG_BF16_ROPE } else { 0 };
+    for v in [PAYLOAD_VERSION, flags] {
         head.extend_from_slice(&v.to_le_bytes());
     }
     let fp = meta.fingerprint;
@@ -368,7 +382,18 @@ pub fn read_payload(r: &mut dyn Read, cfg: &Config, template: &State) -> Result<
     if version != PAYLOAD_VERSION && version != 1 {
         return Err(bad(&format!("version {version}, this engine reads 1 and {PAYLOAD_VERSION}")));
     }
-    let _flags = r.u32()?;
+    let flags = r.u32()?;
+    if flags & !FLAG_BF16_ROPE != 0 {
+        return Err(bad(&format!("unknown flags {flags:#x} (written by a newer engine?)")));
+    }
+    let saved_rope = if flags & FLAG_BF16_ROPE != 0 { RopeStore::Bf16 } else { RopeStore::F32 };
+    let want_rope = template.kv_rope();
+    if saved_rope != want_rope {
+        return Err(bad(&format!(
+            "the state was saved with --kv-rope {saved_rope} (RoPE dims of compressed rows in {saved_rope}), this session uses --kv-rope {want_rope}; \
+             load it with --kv-rope {saved_rope}"
+        )));
+    }
     let fingerprint = Fingerprint { arch: r.u64()?, base: r.u64()?, full: r.u64()? };
     let n = r.u64()?;
     if n > MAX_TOKENS {

@@ -218,9 +218,10 @@ fn v4_flash_state_figure() {
         gib(bf16_rope.total()),
         StateBytes::per_token(&cfg, RopeStore::Bf16),
     );
-    // Packed as this engine must store it (f32 RoPE dims, bit-exact) the state
-    // is 4.12 GiB, just over the 4 GiB target; with the official bf16 RoPE
-    // dims it would be 3.45 GiB. Both are far below ds4's ~26 GB.
+    // Packed with f32 RoPE dims (the default, bit-exact vs the f32 reference)
+    // the state is 4.12 GiB, just over the 4 GiB target; with bf16 RoPE dims
+    // (`--kv-rope bf16`, the official precision; tests/kv_rope.rs) it is
+    // 3.45 GiB. Both are far below ds4's ~26 GB.
     assert!(f32_rope.total() as f64 <= 4.2 * (1u64 << 30) as f64, "{}", f32_rope.total());
     assert!(bf16_rope.total() <= 4 << 30, "{}", bf16_rope.total());
     assert!(f32_rope.total() * 3 < 13760 << 20, "packed must be ≥3x smaller than f32 rows");

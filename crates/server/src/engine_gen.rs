@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dsv4_engine::kvdisk::{DiskCache, DiskCacheOptions, SaveReason};
+use dsv4_engine::pack::RopeStore;
 use dsv4_engine::sampler::{argmax, Sampler, SamplerConfig};
 use dsv4_engine::session::{Session, SessionOptions};
 use dsv4_engine::state_io::Fingerprint;
@@ -47,20 +48,24 @@ impl EngineGenerator {
 
     /// Loads a GGUF model (CPU backend) with a context of `ctx` tokens.
     pub fn load(path: &Path, ctx: usize, disk: Option<DiskSettings>) -> Result<Self, String> {
-        Self::load_with(path, ctx, disk, &|model, ctx| Ok(Box::new(CpuBackend::with_ctx(model, ctx))))
+        Self::load_with(path, ctx, disk, RopeStore::F32, &|model, ctx| Ok(Box::new(CpuBackend::with_ctx(model, ctx))))
     }
 
     /// Loads a GGUF model on the backend `make` builds (the CLI chooses it; the
-    /// server itself never sees a tensor).
+    /// server itself never sees a tensor), with the state's RoPE precision
+    /// `kv_rope` (`--kv-rope`; see `dsv4_engine::pack::RopeStore`).
     pub fn load_with(
         path: &Path,
         ctx: usize,
         disk: Option<DiskSettings>,
+        kv_rope: RopeStore,
         make: &dyn Fn(Arc<Model>, usize) -> Result<Box<dyn dsv4_engine::Backend>, String>,
     ) -> Result<Self, String> {
         let file = Arc::new(dsv4_gguf::GgufFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?);
         let tok = Tokenizer::from_gguf(&file).map_err(|e| format!("tokenizer: {e}"))?;
-        let model = Arc::new(Model::from_gguf(file.clone(), None).map_err(|e| format!("model: {e}"))?);
+        let mut model = Model::from_gguf(file.clone(), None).map_err(|e| format!("model: {e}"))?;
+        model.kv_rope = kv_rope;
+        let model = Arc::new(model);
         let fp = Fingerprint::of_gguf(&model.cfg, &[&file]);
         let backend = make(model, ctx)?;
         let session = Session::new(backend, SessionOptions::default());
@@ -68,6 +73,7 @@ impl EngineGenerator {
             Some(d) => {
                 let mut o = DiskCacheOptions::new(d.dir);
                 o.budget_bytes = d.space_mb << 20;
+                o.kv_rope = session.backend().kv_rope();
                 Some(DiskCache::open(o, fp).map_err(|e| format!("kv disk cache: {e}"))?)
             }
             None => None,

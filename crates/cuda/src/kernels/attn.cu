@@ -4,6 +4,164 @@
 
 #define MAXD 1024
 
+// ---- Packed compressed rows: the byte layouts of crates/engine/src/pack.rs.
+// Attention row: u8 code[nope] (FP8 e4m3fn), u8 exp[ceil(nope/64)] (ue8m0:
+// scale 2^(exp-127)), then the rope dims as f32 LE or bf16 LE (`rope_bf16`).
+// Indexer row: u8 code[ceil(d/2)] (FP4 e2m1 s|eem, low nibble = even dim),
+// u8 exp[ceil(d/32)]. On the device rows sit at a stride of row_bytes rounded
+// up to a multiple of 4 (so the code words load aligned; the pad bytes stay
+// zero). comp_finish encodes exactly as the CPU encoder (smallest exponent
+// whose grid holds the block; all-zero blocks get 2^-22 / 2^-126), so the
+// bytes equal the CPU's; decoding is a table value times a power of two,
+// exact in f32, so a decoded row is bit for bit the f32 row it came from.
+
+// 2^(e-127) for a ue8m0 byte (0 is 2^-127, an f32 subnormal; 255 never stored).
+__device__ __forceinline__ float ue8m0_scale(u32 e) { return e ? __uint_as_float(e << 23) : __uint_as_float(0x00400000u); }
+// 2^-E for E in [-127, 127].
+__device__ __forceinline__ float pow2_neg(int e) { return (e < 127) ? __uint_as_float((u32)(127 - e) << 23) : __uint_as_float(0x00400000u); }
+// e4m3fn code (low 8 bits of c) -> value: its bits placed as an f32 with the
+// exponent 120 too small (subnormal codes land on f32 subnormals), times 2^120.
+// Exact: a power-of-two scaling of a representable value (NaN codes are never stored).
+__device__ __forceinline__ float e4m3_value(u32 c) { return __uint_as_float(((c & 0x80u) << 24) | ((c & 0x7fu) << 20)) * 0x1p120f; }
+// e2m1 code (low 4 bits, s|eem) -> value, the same way (exponent 126 too small).
+__device__ __forceinline__ float e2m1_value(u32 c) { return __uint_as_float(((c & 8u) << 28) | ((c & 7u) << 22)) * 0x1p126f; }
+// Smallest E in [-127, 127] with a <= gmax * 2^E, where gmax = 1.gman * 2^gexp
+// (448: gexp 8, gman 0x600000; 6: gexp 2, gman 0x400000); zero_e when a == 0.
+__device__ __forceinline__ int pack_exp(float a, int gexp, u32 gman, int zero_e) {
+    if (a == 0.f) return zero_e;
+    u32 b = __float_as_uint(a);
+    int ef = (int)((b >> 23) & 255), x;
+    u32 m;
+    if (ef) {
+        x = ef - 127;
+        m = b & 0x7fffffu;
+    } else {  // f32 subnormal
+        int l = 31 - __clz(b);
+        x = l - 149;
+        m = (b << (23 - l)) & 0x7fffffu;
+    }
+    int e = x - gexp + (m > gman ? 1 : 0);
+    return min(max(e, -127), 127);
+}
+// e4m3fn code of q (already divided by its block scale; on the grid).
+__device__ __forceinline__ u32 e4m3_code_of(float q) {
+    u32 s = (__float_as_uint(q) >> 24) & 0x80u;
+    float a = fabsf(q);
+    if (a == 0.f) return s;
+    u32 b = __float_as_uint(a);
+    int e = (int)((b >> 23) & 255) - 127;
+    if (e < -6) return s | (u32)(a * 512.f);
+    return s | ((u32)(e + 7) << 3) | ((b >> 20) & 7);
+}
+__device__ __forceinline__ u32 e2m1_code_of(float q) {
+    u32 s = (__float_as_uint(q) >> 28) & 8u;
+    float a = fabsf(q);
+    if (a == 0.f) return s;
+    if (a == 0.5f) return s | 1u;
+    u32 b = __float_as_uint(a);
+    int e = (int)((b >> 23) & 255) - 127;
+    return s | (u32)(2 + 2 * e) | ((b >> 22) & 1);
+}
+// bf16 bits of x, round to nearest even (x finite; as half::bf16::from_f32).
+__device__ __forceinline__ u32 bf16_rne(float x) {
+    u32 u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7fffu + ((u >> 16) & 1)) >> 16;
+}
+// Packs the finished attention row r (block-shared) into out, as pack.rs does.
+__device__ void pack_fp8_row(const float* r, u8* out, int d, int rd, int rope_bf16) {
+    int nope = d - rd, nblk = (nope + 63) / 64;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int b = w; b < nblk; b += nw) {
+        int i0 = b * 64 + lane, i1 = i0 + 32;
+        float v0 = (i0 < nope) ? r[i0] : 0.f, v1 = (i1 < nope) ? r[i1] : 0.f;
+        int e = pack_exp(warp_max(fmaxf(fabsf(v0), fabsf(v1))), 8, 0x600000u, -22);
+        float inv = pow2_neg(e);
+        if (i0 < nope) out[i0] = (u8)e4m3_code_of(v0 * inv);
+        if (i1 < nope) out[i1] = (u8)e4m3_code_of(v1 * inv);
+        if (lane == 0) out[nope + b] = (u8)(e + 127);
+    }
+    u8* t = out + nope + nblk;
+    for (int j = threadIdx.x; j < rd; j += blockDim.x) {
+        if (rope_bf16) {
+            u32 h = bf16_rne(r[nope + j]);
+            t[2 * j] = (u8)h;
+            t[2 * j + 1] = (u8)(h >> 8);
+        } else {
+            u32 bits = __float_as_uint(r[nope + j]);
+            for (int k = 0; k < 4; k++) t[4 * j + k] = (u8)(bits >> (8 * k));
+        }
+    }
+}
+// Packs the finished indexer row r (block-shared, on the FP4 grid) into out.
+__device__ void pack_fp4_row(const float* r, u8* out, int d) {
+    int ncode = (d + 1) / 2, nblk = (d + 31) / 32;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int b = w; b < nblk; b += nw) {
+        int i = b * 32 + lane;
+        float v = (i < d) ? r[i] : 0.f;
+        int e = pack_exp(warp_max(fabsf(v)), 2, 0x400000u, -126);
+        u32 c = (i < d) ? e2m1_code_of(v * pow2_neg(e)) : 0u;
+        u32 hi = __shfl_down_sync(0xffffffffu, c, 1);
+        if ((lane & 1) == 0 && i < d) out[i / 2] = (u8)(c | (hi << 4));
+        if (lane == 0) out[ncode + b] = (u8)(e + 127);
+    }
+}
+// Dim c of a packed attention row.
+__device__ __forceinline__ float attn_row_val(const u8* row, int c, int nope, int nblk, int rope_bf16) {
+    if (c < nope) return e4m3_value(row[c]) * ue8m0_scale(row[nope + c / 64]);
+    const u8* t = row + nope + nblk;
+    int j = c - nope;
+    if (rope_bf16) return __uint_as_float(((u32)t[2 * j] | ((u32)t[2 * j + 1] << 8)) << 16);
+    return __uint_as_float((u32)t[4 * j] | ((u32)t[4 * j + 1] << 8) | ((u32)t[4 * j + 2] << 16) | ((u32)t[4 * j + 3] << 24));
+}
+// Dims c0..c0+3 of a packed attention row: c0 % 4 == 0, the row 4-byte
+// aligned, nope % 64 == 0 (as the FP8 sims need), so the 4 dims are all codes
+// of one block or all RoPE dims. The RoPE dims sit at any byte offset: they are
+// read as aligned words and funnel-shifted into place.
+__device__ __forceinline__ float4 attn_row4(const u8* row, int c0, int nope, int nblk, int rope_bf16) {
+    if (c0 < nope) {
+        u32 w = *(const u32*)(row + c0);
+        float s = ue8m0_scale(row[nope + (c0 >> 6)]);
+        return make_float4(e4m3_value(w) * s, e4m3_value(w >> 8) * s, e4m3_value(w >> 16) * s, e4m3_value(w >> 24) * s);
+    }
+    int o = nope + nblk + (c0 - nope) * (rope_bf16 ? 2 : 4);
+    const u32* p = (const u32*)(row + (o & ~3));
+    u32 sh = (u32)(o & 3) * 8;
+    if (rope_bf16) {
+        u32 w0 = p[0], w1 = p[1], w2 = sh ? p[2] : 0u;
+        u32 a = __funnelshift_r(w0, w1, sh), b = __funnelshift_r(w1, w2, sh);
+        return make_float4(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u), __uint_as_float(b << 16), __uint_as_float(b & 0xffff0000u));
+    }
+    u32 w0 = p[0], w1 = p[1], w2 = p[2], w3 = p[3], w4 = sh ? p[4] : 0u;
+    return make_float4(__uint_as_float(__funnelshift_r(w0, w1, sh)), __uint_as_float(__funnelshift_r(w1, w2, sh)),
+                       __uint_as_float(__funnelshift_r(w2, w3, sh)), __uint_as_float(__funnelshift_r(w3, w4, sh)));
+}
+// Dim j of a packed indexer row of d dims.
+__device__ __forceinline__ float idx_row_val(const u8* row, int j, int d) {
+    return e2m1_value((row[j >> 1] >> ((j & 1) * 4)) & 15) * ue8m0_scale(row[(d + 1) / 2 + j / 32]);
+}
+// Decode n packed rows (tests; attention: kind 0, indexer: kind 1) to f32.
+extern "C" __global__ void unpack_rows(const u8* rows, int stride, int n, int d, int rd, int rope_bf16, int kind, float* out) {
+    int nope = d - rd, nblk = (nope + 63) / 64;
+    for (int r = blockIdx.x; r < n; r += gridDim.x) {
+        const u8* row = rows + (u64)r * stride;
+        for (int c = threadIdx.x; c < d; c += blockDim.x)
+            out[(u64)r * d + c] = kind ? idx_row_val(row, c, d) : attn_row_val(row, c, nope, nblk, rope_bf16);
+    }
+}
+// Pack n f32 rows (tests; rows already on their grids, rope dims bf16 values when rope_bf16).
+extern "C" __global__ void pack_rows(const float* v, int n, int d, int rd, int rope_bf16, int kind, u8* rows, int stride) {
+    __shared__ float r[MAXD];
+    for (int e = blockIdx.x; e < n; e += gridDim.x) {
+        for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] = v[(u64)e * d + i];
+        __syncthreads();
+        if (kind) pack_fp4_row(r, rows + (u64)e * stride, d);
+        else pack_fp8_row(r, rows + (u64)e * stride, d, rd, rope_bf16);
+        __syncthreads();
+    }
+}
+
 // FP8 e4m3 round trip of `len` values (multiple of 64) of a shared row, one
 // warp per 64-block, power-of-two scale per block (spec §3.2).
 __device__ void fp8_sim_shared(float* r, int len) {
@@ -143,11 +301,12 @@ extern "C" __global__ void comp_update(const float* kv, const float* sc, const f
 }
 
 // Finish the rows emitted by a chunk of n tokens: RMSNorm, RoPE at row*ratio,
-// then FP8 (attention rows) or Hadamard + FP4 (indexer rows); emission e goes
-// to rows[p0/ratio + e]. The grid may be larger than the emission count (CUDA
-// graphs fix it): surplus blocks exit.
-extern "C" __global__ void comp_finish(const float* pooled, float* rows, const int* p0p, int n, int d, int rd, const float* omega,
-                                       const float* norm_w, float eps, int ratio, int is_indexer) {
+// then FP8 (attention rows; rope dims rounded to bf16 when rope_bf16) or
+// Hadamard + FP4 (indexer rows), packed (layouts above) into row
+// p0/ratio + e of `rows` (byte stride `stride`) for emission e. The grid may
+// be larger than the emission count (CUDA graphs fix it): surplus blocks exit.
+extern "C" __global__ void comp_finish(const float* pooled, u8* rows, int stride, const int* p0p, int n, int d, int rd, const float* omega,
+                                       const float* norm_w, float eps, int ratio, int is_indexer, int rope_bf16) {
     __shared__ float r[MAXD];
     __shared__ float sh[32];
     int e = blockIdx.x;
@@ -158,13 +317,15 @@ extern "C" __global__ void comp_finish(const float* pooled, float* rows, const i
     __syncthreads();
     rms_shared(r, d, norm_w, eps, sh);
     rope_shared(r, d, rd, omega, (first_row + e) * ratio, false);
+    u8* out = rows + (u64)(first_row + e) * stride;
     if (is_indexer) {
         hadamard_shared(r, d);
         fp4_sim_shared(r, d);
+        pack_fp4_row(r, out, d);
     } else {
         fp8_sim_shared(r, d - rd);
+        pack_fp8_row(r, out, d, rd, rope_bf16);
     }
-    for (int i = threadIdx.x; i < d; i += blockDim.x) rows[(u64)(first_row + e) * d + i] = r[i];
 }
 
 // ring[(p0+t) % win] = kv[t] for the chunk's last min(n, win) rows.
@@ -177,8 +338,9 @@ extern "C" __global__ void ring_store(const float* kv, float* ring, int n, const
 }
 
 // Indexer scores for token t (blockIdx.y): score_i = sum_h w_h relu(q_h . K_i)
-// for visible rows i < vis[t]; one warp per row, lanes split the heads.
-extern "C" __global__ void index_scores(const float* q, const float* wts, const float* krows, const int* vis, int ih,
+// for visible rows i < vis[t]; one warp per row, lanes split the heads. Key
+// rows are packed FP4 (byte stride kstride), decoded exactly while staged.
+extern "C" __global__ void index_scores(const float* q, const float* wts, const u8* krows, int kstride, const int* vis, int ih,
                                         int id, float wscale, float* scores, int ld, int k) {
     // q staged with a padded row stride (id + 1) so lanes (one head each) hit
     // distinct banks; each warp stages its key row once and reads it broadcast
@@ -194,8 +356,8 @@ extern "C" __global__ void index_scores(const float* q, const float* wts, const 
     float* ks = qs + ih * qstride + wp * id;
     const float* wt = wts + (u64)t * ih;
     for (int i = blockIdx.x * nw + wp; i < v; i += gridDim.x * nw) {
-        const float* kr = krows + (u64)i * id;
-        for (int j = lane; j < id; j += 32) ks[j] = kr[j];
+        const u8* kr = krows + (u64)i * kstride;
+        for (int j = lane; j < id; j += 32) ks[j] = idx_row_val(kr, j, id);
         __syncwarp();
         float acc = 0.f;
         for (int h = lane; h < ih; h += 32) {
@@ -302,23 +464,27 @@ extern "C" __global__ void topk_select(const float* scores, int ld, const int* v
 // head group: phase 1 scores (warp per key), phase 2 softmax per head (warp
 // per head), phase 3 P.V (warp per key, lane per 16 dims, cross-warp add in
 // shared). Keys: the window (positions max(0,p-win+1)..p from the chunk's fresh
-// rows or the ring), then compressed rows (sel[t][0..cnt[t]) or 0..vis[t]-1).
+// rows or the ring), then compressed rows (sel[t][0..cnt[t]) or 0..vis[t]-1),
+// packed (layout above; rfmt = byte stride * 2 + rope_bf16), decoded exactly.
 // With one split (gridDim.z == 1) the block writes the final output (inverse
 // RoPE on the tail); otherwise it writes a partial (max, sum, unnormalised o)
 // that attn_combine merges (flash-decoding for single-token steps).
 #define HB 4
 #define ATT_D 512  // head dims the attention kernel supports (multiple of 128)
+// Key j: an f32 window row (returned) or a packed compressed row (*packed).
 __device__ __forceinline__ const float* attn_key(int j, int nwin, int lo, int p0, int win, const float* fresh, const float* ring,
-                                                 const float* rows, const int* selt, int d) {
+                                                 const u8* rows, int rstride, const int* selt, int d, const u8** packed) {
+    *packed = 0;
     if (j < nwin) {
         int qp = lo + j;
         return (qp >= p0) ? fresh + (u64)(qp - p0) * d : ring + (u64)(qp % win) * d;
     }
     int ri = selt ? selt[j - nwin] : (j - nwin);
-    return rows + (u64)ri * d;
+    *packed = rows + (u64)ri * rstride;
+    return 0;
 }
 
-extern "C" __global__ void sink_attn(const float* q, const float* fresh, const float* ring, const float* rows,
+extern "C" __global__ void sink_attn(const float* q, const float* fresh, const float* ring, const u8* rows, int rfmt,
                                      const int* sel, const int* cnt, const int* vis, int sel_ld, const float* sinks,
                                      int h_count, int d, int rd, const float* omega, const int* p0p, int win, float scale,
                                      float* out, float* part, int max_keys) {
@@ -347,13 +513,21 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
     int j0 = split * per, j1 = min(nk, j0 + per);
     int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     int nd = d / 128;  // float4 chunks per lane (d is a multiple of 128)
+    int rstride = rfmt >> 1, rope_bf16 = rfmt & 1, nope = d - rd, nblk = (nope + 63) / 64;
     // phase 1: scores
     for (int j = j0 + wp; j < j1; j += nw) {
-        const float* k = attn_key(j, nwin, lo, p0, win, fresh, ring, rows, selt, d);
+        const u8* kp;
+        const float* k = attn_key(j, nwin, lo, p0, win, fresh, ring, rows, rstride, selt, d, &kp);
         float4 kv[ATT_D / 128];
+        if (k) {
 #pragma unroll
-        for (int i = 0; i < ATT_D / 128; i++)
-            if (i < nd) kv[i] = *(const float4*)(k + i * 128 + lane * 4);
+            for (int i = 0; i < ATT_D / 128; i++)
+                if (i < nd) kv[i] = *(const float4*)(k + i * 128 + lane * 4);
+        } else {
+#pragma unroll
+            for (int i = 0; i < ATT_D / 128; i++)
+                if (i < nd) kv[i] = attn_row4(kp, i * 128 + lane * 4, nope, nblk, rope_bf16);
+        }
 #pragma unroll
         for (int h = 0; h < HB; h++) {
             float s = 0.f;
@@ -391,11 +565,12 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
 #pragma unroll
             for (int i = 0; i < ATT_D / 32; i++) acc[h][i] = 0.f;
         for (int j = j0 + wp; j < j1; j += nw) {
-            const float* k = attn_key(j, nwin, lo, p0, win, fresh, ring, rows, selt, d);
+            const u8* kp;
+            const float* k = attn_key(j, nwin, lo, p0, win, fresh, ring, rows, rstride, selt, d, &kp);
 #pragma unroll
             for (int i = 0; i < ATT_D / 128; i++)
                 if (i < nd) {
-                    float4 kv = *(const float4*)(k + i * 128 + lane * 4);
+                    float4 kv = k ? *(const float4*)(k + i * 128 + lane * 4) : attn_row4(kp, i * 128 + lane * 4, nope, nblk, rope_bf16);
 #pragma unroll
                     for (int h = 0; h < HB; h++) {
                         float pj = z[h * max_keys + (j - j0)];

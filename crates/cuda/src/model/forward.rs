@@ -347,6 +347,9 @@ impl GpuModel {
     }
 
     fn compress(&self, cp: &GComp, kvs: u64, scs: u64, rows: u64, n: usize, pp: u64, is_indexer: bool, omega: u64) -> Result<()> {
+        // rows are packed (state.rs): the indexer's FP4 rows or the attention rows
+        let stride = state::dev_stride(if is_indexer { self.idx_fmt() } else { self.attn_fmt() });
+        let rope_bf16 = (self.kv_rope == dsv4_engine::pack::RopeStore::Bf16) as i32;
         let w = cp.coff * cp.d;
         // the two compressors run concurrently (side streams): separate scratch
         let (ckv, csc, pooled) = if is_indexer { (self.s.ickv.ptr, self.s.icsc.ptr, self.s.ipooled.ptr) } else { (self.s.ckv.ptr, self.s.csc.ptr, self.s.pooled.ptr) };
@@ -359,7 +362,7 @@ impl GpuModel {
         launch!(self.gpu, "comp_update", ((cp.d as u32).div_ceil(128), 1, 1), (128, 1, 1), 0;
             ckv, csc, cp.ape.ptr, kvs, scs, n as i32, pp, r as i32, cp.coff as i32, cp.d as i32, pooled)?;
         launch!(self.gpu, "comp_finish", (max_emit as u32, 1, 1), (128, 1, 1), 0;
-            pooled, rows, pp, n as i32, cp.d as i32, self.cfg.rope_dim as i32, omega, cp.norm.ptr, self.cfg.rms_eps, r as i32, is_indexer as i32)
+            pooled, rows, stride as i32, pp, n as i32, cp.d as i32, self.cfg.rope_dim as i32, omega, cp.norm.ptr, self.cfg.rms_eps, r as i32, is_indexer as i32, rope_bf16)
     }
 
     fn attention(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64) -> Result<()> {
@@ -425,8 +428,9 @@ impl GpuModel {
             self.gpu.join(j_icomp)?;
             // fixed grid (grid-stride inside) so the launch is position independent
             let blocks_x = (ld.div_ceil(8) as u32).min(264);
+            let istride = state::dev_stride(self.idx_fmt());
             launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), ((ih * (id + 1) + 8 * id) * F) as u32;
-                iq, iw, irows.ptr, vis, ih as i32, id as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
+                iq, iw, irows.ptr, istride as i32, vis, ih as i32, id as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
             launch!(self.gpu, "topk_select", (n as u32, 1, 1), (1024, 1, 1), 0;
                 scores, ld as i32, vis, c.index_topk as i32, sel, cnt)?;
             use_sel = true;
@@ -440,6 +444,8 @@ impl GpuModel {
         let _ = p0;
         let max_keys = c.window + if ratio == 0 { 0 } else if use_sel { c.index_topk } else { self.ctx / ratio + 1 };
         let rows_ptr = st.rows.as_ref().map(|r| r.ptr).unwrap_or(0);
+        // packed rows: byte stride * 2 + (RoPE dims in bf16)
+        let rfmt = (state::dev_stride(self.attn_fmt()) * 2) as i32 + (self.kv_rope == dsv4_engine::pack::RopeStore::Bf16) as i32;
         let (sel_ptr, sel_ld) = if use_sel { (self.s.sel.ptr, c.index_topk) } else { (0u64, 0) };
         let scale = (hd as f32).powf(-0.5);
         // single-token steps split the keys over several blocks (flash-decoding)
@@ -450,7 +456,7 @@ impl GpuModel {
         const HB: usize = 4;
         let part = self.s.part.ptr;
         launch!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), (HB * per * F) as u32;
-            q, kv, st.ring.ptr, rows_ptr, sel_ptr, self.s.cnt.ptr, self.s.vis.ptr, sel_ld as i32, b.sinks.ptr,
+            q, kv, st.ring.ptr, rows_ptr, rfmt, sel_ptr, self.s.cnt.ptr, self.s.vis.ptr, sel_ld as i32, b.sinks.ptr,
             h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o, part, per as i32)?;
         if nsplit > 1 {
             launch!(self.gpu, "attn_combine", (1, h as u32, 1), (128, 1, 1), 0;

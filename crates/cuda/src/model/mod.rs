@@ -19,6 +19,8 @@ use crate::launch;
 mod forward;
 mod state;
 
+pub use state::{alloc_state_for, dev_stride, gpu_state_bytes};
+
 /// A weight matrix (or a stack of `n_exp` expert matrices) on the device.
 pub struct GMat {
     pub buf: DevBuf,
@@ -318,6 +320,9 @@ pub struct GpuModel {
     pub(crate) s: Scratch,
     /// test-only ablation, mirrors `Model::ablate_kv_fp8`
     pub ablate_kv_fp8: bool,
+    /// RoPE dims of compressed attention rows in f32 or bf16 (mirrors
+    /// `Model::kv_rope`; set before allocating states, see state.rs)
+    pub kv_rope: dsv4_engine::pack::RopeStore,
     /// capture decode steps as CUDA graphs (env DSV4_CUDA_GRAPHS=0 turns it off)
     pub use_graphs: bool,
     /// `Numerics::Q8`: quantised weights multiply 8-bit activations (mmvq.cu),
@@ -442,6 +447,7 @@ impl GpuModel {
             omega_yarn,
             s,
             ablate_kv_fp8: false,
+            kv_rope: Default::default(),
             use_graphs: std::env::var("DSV4_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true),
             q8: false,
         })
