@@ -429,8 +429,15 @@ impl GpuModel {
             // fixed grid (grid-stride inside) so the launch is position independent
             let blocks_x = (ld.div_ceil(8) as u32).min(264);
             let istride = state::dev_stride(self.idx_fmt());
-            launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), ((ih * (id + 1) + 8 * id) * F) as u32;
-                iq, iw, irows.ptr, istride as i32, vis, ih as i32, id as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
+            if matches!(id, 32 | 64 | 128) && (ih * id + ih) * F <= 48 * 1024 {
+                // one key row per thread (see attn.cu)
+                let bx = (ld.div_ceil(128) as u32).min(1024);
+                launch!(self.gpu, &format!("index_scores_rt{id}"), (bx, n as u32, 1), (128, 1, 1), ((ih * id + ih) * F) as u32;
+                    iq, iw, irows.ptr, istride as i32, vis, ih as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
+            } else {
+                launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), ((ih * (id + 1) + 8 * id) * F) as u32;
+                    iq, iw, irows.ptr, istride as i32, vis, ih as i32, id as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
+            }
             launch!(self.gpu, "topk_select", (n as u32, 1, 1), (1024, 1, 1), 0;
                 scores, ld as i32, vis, c.index_topk as i32, sel, cnt)?;
             use_sel = true;
