@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// official cache precision; 3.45 GiB, logits change slightly).
     #[arg(long, default_value = "f32", value_name = "f32|bf16")]
     pub kv_rope: dsv4_engine::pack::RopeStore,
+    /// 8-bit activations for the quantised-weight products (ds4's numerics;
+    /// faster, within the fixtures' q8 bounds) instead of the f32 reference.
+    #[arg(long)]
+    pub q8: bool,
     /// Directory of the disk KV cache (off when absent).
     #[arg(long)]
     pub kv_disk_dir: Option<PathBuf>,
@@ -81,7 +85,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             eprintln!("loading {} (ctx {}, --kv-rope {})…", model.display(), a.ctx, a.kv_rope);
             let backend = a.backend.clone();
             Box::new(
-                EngineGenerator::load_with(model, a.ctx, disk, a.kv_rope, &|m, ctx| crate::backends::make(&backend, m, ctx).map_err(|e| format!("{e:#}")))
+                EngineGenerator::load_with(model, a.ctx, disk, a.kv_rope, if a.q8 { dsv4_engine::Numerics::Q8 } else { dsv4_engine::Numerics::F32 }, &|m, ctx| crate::backends::make(&backend, m, ctx).map_err(|e| format!("{e:#}")))
                     .map_err(anyhow::Error::msg)?,
             )
         }

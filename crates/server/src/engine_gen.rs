@@ -13,7 +13,7 @@ use dsv4_engine::pack::RopeStore;
 use dsv4_engine::sampler::{argmax, Sampler, SamplerConfig};
 use dsv4_engine::session::{Session, SessionOptions};
 use dsv4_engine::state_io::Fingerprint;
-use dsv4_engine::{CpuBackend, Model};
+use dsv4_engine::{CpuBackend, Model, Numerics};
 use dsv4_text::{StreamDecoder, Tokenizer};
 
 use crate::dsml_grammar::DsmlGrammar;
@@ -48,7 +48,7 @@ impl EngineGenerator {
 
     /// Loads a GGUF model (CPU backend) with a context of `ctx` tokens.
     pub fn load(path: &Path, ctx: usize, disk: Option<DiskSettings>) -> Result<Self, String> {
-        Self::load_with(path, ctx, disk, RopeStore::F32, &|model, ctx| Ok(Box::new(CpuBackend::with_ctx(model, ctx))))
+        Self::load_with(path, ctx, disk, RopeStore::F32, Numerics::F32, &|model, ctx| Ok(Box::new(CpuBackend::with_ctx(model, ctx))))
     }
 
     /// Loads a GGUF model on the backend `make` builds (the CLI chooses it; the
@@ -59,12 +59,14 @@ impl EngineGenerator {
         ctx: usize,
         disk: Option<DiskSettings>,
         kv_rope: RopeStore,
+        numerics: Numerics,
         make: &dyn Fn(Arc<Model>, usize) -> Result<Box<dyn dsv4_engine::Backend>, String>,
     ) -> Result<Self, String> {
         let file = Arc::new(dsv4_gguf::GgufFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?);
         let tok = Tokenizer::from_gguf(&file).map_err(|e| format!("tokenizer: {e}"))?;
         let mut model = Model::from_gguf(file.clone(), None).map_err(|e| format!("model: {e}"))?;
         model.kv_rope = kv_rope;
+        model.numerics = numerics;
         let model = Arc::new(model);
         let fp = Fingerprint::of_gguf(&model.cfg, &[&file]);
         let backend = make(model, ctx)?;
