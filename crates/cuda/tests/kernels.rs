@@ -343,7 +343,7 @@ fn sink_attention_matches_ops() {
         let per = max_keys.div_ceil(nsplit);
         let rows_ptr = if nrows > 0 { drows.ptr } else { 0 };
         let (sel_ptr, sel_ld) = if use_sel { (dsel.ptr, k as i32) } else { (0u64, 0i32) };
-        launch!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), (4 * per * 4) as u32;
+        launch!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), ((4 * per + 8 * d) * 4) as u32;
             dq.ptr, df.ptr, dr.ptr, rows_ptr, rfmt, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
             h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32).unwrap();
         if nsplit > 1 {

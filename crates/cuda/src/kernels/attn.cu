@@ -542,7 +542,9 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
                                      const int* sel, const int* cnt, const int* vis, int sel_ld, const float* sinks,
                                      int h_count, int d, int rd, const float* omega, const int* p0p, int win, float scale,
                                      float* out, float* part, int max_keys) {
-    extern __shared__ float z[];  // HB * max_keys (max_keys = keys per split, bound)
+    // dynamic: z = HB * max_keys scores (max_keys = keys per split, bound),
+    // then red = (warps) * d floats for the cross-warp sum of P.V
+    extern __shared__ float z[];
     __shared__ __align__(16) float qs[HB * ATT_D];
     __shared__ float oacc[HB * ATT_D];
     __shared__ float mx_s[HB], den_s[HB];
@@ -550,10 +552,24 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
     int p0 = *p0p;
     int p = p0 + t;
     int h0 = g * HB;
-    for (int i = threadIdx.x; i < HB * d; i += blockDim.x) {
-        int h = i / d;
-        qs[i] = (h0 + h < h_count) ? q[((u64)t * h_count + h0 + h) * d + (i % d)] : 0.f;
-        oacc[i] = 0.f;
+    {
+        // q of the head group as float4s, every load issued before the stores
+        // (d % 4 == 0; a strided loop of dependent load/store pairs was 15 % of
+        // this kernel's time)
+        const int n4 = HB * d / 4;
+        float4 qv[HB * ATT_D / 4 / 128 + 1];
+#pragma unroll
+        for (int u = 0; u < HB * ATT_D / 4 / 128 + 1; u++) {
+            int i4 = threadIdx.x + u * blockDim.x;
+            int h = (4 * i4) / d;
+            qv[u] = (i4 < n4 && h0 + h < h_count) ? *(const float4*)(q + ((u64)t * h_count + h0) * d + 4 * i4) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < HB * ATT_D / 4 / 128 + 1; u++) {
+            int i4 = threadIdx.x + u * blockDim.x;
+            if (i4 < n4) *(float4*)(qs + 4 * i4) = qv[u];
+        }
+        for (int i = threadIdx.x; i < HB * d; i += blockDim.x) oacc[i] = 0.f;
     }
     __syncthreads();
     int lo = p + 1 - win;
@@ -636,20 +652,27 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
                 }
         }
         // warps add their partials in a fixed order (no atomics): results are
-        // bit-reproducible run to run, which saved/restored sessions rely on
-        for (int w = 0; w < nw; w++) {
-            if (wp == w) {
+        // bit-reproducible run to run, which saved/restored sessions rely on.
+        // Per head: every warp parks its partial in `red`, then each thread adds
+        // the warps' values of its dims in warp order (the same sums as adding
+        // warp by warp, without nw serialised steps)
+        float* red = z + HB * max_keys;
 #pragma unroll
-                for (int h = 0; h < HB; h++)
+        for (int h = 0; h < HB; h++) {
 #pragma unroll
-                    for (int i = 0; i < ATT_D / 128; i++)
-                        if (i < nd) {
-                            float* o = oacc + h * d + i * 128 + lane * 4;
-                            o[0] += acc[h][4 * i];
-                            o[1] += acc[h][4 * i + 1];
-                            o[2] += acc[h][4 * i + 2];
-                            o[3] += acc[h][4 * i + 3];
-                        }
+            for (int i = 0; i < ATT_D / 128; i++)
+                if (i < nd) {
+                    float* r = red + wp * d + i * 128 + lane * 4;
+                    r[0] = acc[h][4 * i];
+                    r[1] = acc[h][4 * i + 1];
+                    r[2] = acc[h][4 * i + 2];
+                    r[3] = acc[h][4 * i + 3];
+                }
+            __syncthreads();
+            for (int c = threadIdx.x; c < d; c += blockDim.x) {
+                float v = oacc[h * d + c];
+                for (int w = 0; w < nw; w++) v += red[w * d + c];
+                oacc[h * d + c] = v;
             }
             __syncthreads();
         }

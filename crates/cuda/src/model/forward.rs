@@ -462,7 +462,8 @@ impl GpuModel {
         let per = max_keys.div_ceil(nsplit);
         const HB: usize = 4;
         let part = self.s.part.ptr;
-        launch!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), (HB * per * F) as u32;
+        // dynamic shared: HB x per scores + 8 warps x hd for the P.V sum
+        launch!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), ((HB * per + 8 * hd) * F) as u32;
             q, kv, st.ring.ptr, rows_ptr, rfmt, sel_ptr, self.s.cnt.ptr, self.s.vis.ptr, sel_ld as i32, b.sinks.ptr,
             h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o, part, per as i32)?;
         if nsplit > 1 {
