@@ -387,34 +387,64 @@ __device__ __forceinline__ void index_scores_rt_body(const float* q, const float
     int v = vis[t];
     if (v <= k) return;
     float* ws = qsr + ih * ID;
-    const float* qt = q + (u64)t * ih * ID;
-    for (int i = threadIdx.x; i < ih * ID; i += blockDim.x) qsr[i] = qt[i];
+    const float4* qt4 = (const float4*)(q + (u64)t * ih * ID);
+    // q staged in batches of 8 float4 per thread, loads before stores (a
+    // strided copy loop is one dependent L2 round trip per iteration)
+    int n4 = ih * ID / 4;
+    for (int b0 = 0; b0 < n4; b0 += 8 * blockDim.x) {
+        float4 tmp[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            int i4 = b0 + u * blockDim.x + threadIdx.x;
+            tmp[u] = (i4 < n4) ? qt4[i4] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            int i4 = b0 + u * blockDim.x + threadIdx.x;
+            if (i4 < n4) ((float4*)qsr)[i4] = tmp[u];
+        }
+    }
     for (int h = threadIdx.x; h < ih; h += blockDim.x) ws[h] = wts[(u64)t * ih + h] * wscale;
     __syncthreads();
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < v; i += gridDim.x * blockDim.x) {
-        const u32* rw = (const u32*)(krows + (u64)i * kstride);
-        u32 cw[ID / 8];
-#pragma unroll
-        for (int w = 0; w < ID / 8; w++) cw[w] = rw[w];
-        u32 ex = rw[ID / 8];  // ID / 32 exponent bytes right after the codes
-        float kr[ID];
-#pragma unroll
-        for (int j = 0; j < ID; j++) kr[j] = e2m1_value((cw[j / 8] >> (4 * (j % 8))) & 15u) * ue8m0_scale((ex >> (8 * (j / 32))) & 255u);
+    // threads per row: 1 when the rows fill the grid (long contexts); up to 4
+    // when they do not (a 4K context has 1K rows: one thread per row would
+    // leave the grid idle and each thread 8K dependent FMAs). The tpr threads
+    // of a row take heads hg, hg + tpr, ... and add their sums by shuffles.
+    int total = gridDim.x * blockDim.x;
+    int tpr = 1;
+    while (tpr < 4 && v * tpr * 2 <= total) tpr *= 2;
+    int gt = blockIdx.x * blockDim.x + threadIdx.x;
+    int hg = gt % tpr;
+    int step = total / tpr;
+    // warp-aligned trip count: every lane of a warp runs every pass (shuffles)
+    for (int base = (gt - (gt & 31)) / tpr; base < v; base += step) {
+        int i = base + (threadIdx.x & 31) / tpr;
         float acc = 0.f;
-        for (int h = 0; h < ih; h++) {
-            const float4* q4 = (const float4*)(qsr + h * ID);
-            float s = 0.f;
+        if (i < v) {
+            const u32* rw = (const u32*)(krows + (u64)i * kstride);
+            u32 cw[ID / 8];
 #pragma unroll
-            for (int j4 = 0; j4 < ID / 4; j4++) {
-                float4 qv = q4[j4];
-                s += qv.x * kr[4 * j4];
-                s += qv.y * kr[4 * j4 + 1];
-                s += qv.z * kr[4 * j4 + 2];
-                s += qv.w * kr[4 * j4 + 3];
+            for (int w = 0; w < ID / 8; w++) cw[w] = rw[w];
+            u32 ex = rw[ID / 8];  // ID / 32 exponent bytes right after the codes
+            float kr[ID];
+#pragma unroll
+            for (int j = 0; j < ID; j++) kr[j] = e2m1_value((cw[j / 8] >> (4 * (j % 8))) & 15u) * ue8m0_scale((ex >> (8 * (j / 32))) & 255u);
+            for (int h = hg; h < ih; h += tpr) {
+                const float4* q4 = (const float4*)(qsr + h * ID);
+                float s = 0.f;
+#pragma unroll
+                for (int j4 = 0; j4 < ID / 4; j4++) {
+                    float4 qv = q4[j4];
+                    s += qv.x * kr[4 * j4];
+                    s += qv.y * kr[4 * j4 + 1];
+                    s += qv.z * kr[4 * j4 + 2];
+                    s += qv.w * kr[4 * j4 + 3];
+                }
+                acc += ws[h] * fmaxf(s, 0.f);
             }
-            acc += ws[h] * fmaxf(s, 0.f);
         }
-        scores[(u64)t * ld + i] = acc;
+        for (int o = 1; o < tpr; o <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (i < v && hg == 0) scores[(u64)t * ld + i] = acc;
     }
 }
 #define INDEX_RT(ID)                                                                                                             \
