@@ -70,6 +70,9 @@ pub struct Gpu {
     /// launch kernels with programmatic dependent launch (sm_90+; env
     /// DSV4_PDL=0 turns it off)
     pub pdl: bool,
+    /// per kernel: dynamic shared memory a launch may use without raising the
+    /// function's limit
+    shmem_limit: std::cell::RefCell<HashMap<String, u32>>,
 }
 
 // The context is made current on whichever thread uses the Gpu (see `bind`);
@@ -115,7 +118,7 @@ impl Gpu {
             .collect::<Result<Vec<_>>>()?;
         let cubin = compile((major, minor))?;
         let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(drv("cuModuleLoadData"))?;
-        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, side, cur: 0.into(), events, next_event: 0.into(), module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default(), pdl: major >= 9 && std::env::var("DSV4_PDL").map(|v| v != "0").unwrap_or(true) })
+        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, side, cur: 0.into(), events, next_event: 0.into(), module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default(), pdl: major >= 9 && std::env::var("DSV4_PDL").map(|v| v != "0").unwrap_or(true), shmem_limit: Default::default() })
     }
 
     /// Index of the stream work is queued on now: 0 = main, i = side stream i.
@@ -262,15 +265,26 @@ impl Gpu {
     /// Launch `name` with `params` (pointers to each argument value, in order).
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shmem: u32, params: &mut [*mut c_void]) -> Result<()> {
         let f = self.func(name)?;
-        if shmem > 48 * 1024 {
-            unsafe {
-                cu::function::set_function_attribute(
-                    f,
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    shmem as i32,
-                )
+        // The 48 KB default limit covers static + dynamic shared memory: raise
+        // the function's dynamic limit whenever a launch asks for more than it
+        // was last allowed beyond what its static part leaves (once per size).
+        if shmem > 0 {
+            let mut lim = self.shmem_limit.borrow_mut();
+            let allowed = *lim.entry(name.to_string()).or_insert_with(|| {
+                let stat = unsafe { cu::function::get_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES) }.unwrap_or(0);
+                (48 * 1024 - stat.max(0)).max(0) as u32
+            });
+            if shmem > allowed {
+                unsafe {
+                    cu::function::set_function_attribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        shmem as i32,
+                    )
+                }
+                .map_err(drv("cuFuncSetAttribute"))?;
+                lim.insert(name.to_string(), shmem);
             }
-            .map_err(drv("cuFuncSetAttribute"))?;
         }
         let profiling = !self.capturing.get() && self.profile.borrow().is_some();
         // profiling: GPU time between events recorded around the launch (the

@@ -289,7 +289,10 @@ fn sink_attention_matches_ops() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let (h, d, rd, win) = (6usize, 128usize, 64usize, 8usize);
     let rope = ops::Rope::new(rd, 10000.0, None);
-    let cases = [(1usize, 20usize, 9usize, true, 3usize, RopeStore::F32), (3, 5, 0, false, 1, RopeStore::F32), (2, 40, 11, false, 1, RopeStore::Bf16), (1, 100, 25, false, 4, RopeStore::F32), (1, 100, 25, false, 4, RopeStore::Bf16), (2, 30, 7, true, 1, RopeStore::Bf16)];
+    let cases = [(1usize, 20usize, 9usize, true, 3usize, RopeStore::F32), (3, 5, 0, false, 1, RopeStore::F32), (2, 40, 11, false, 1, RopeStore::Bf16), (1, 100, 25, false, 4, RopeStore::F32), (1, 100, 25, false, 4, RopeStore::Bf16), (2, 30, 7, true, 1, RopeStore::Bf16),
+        // static + dynamic shared memory over 48 KB with the dynamic part under
+        // it (the function's limit must still be raised)
+        (1, 2300, 2200, false, 1, RopeStore::F32)];
     for &(n, p0, nrows, use_sel, nsplit, store) in &cases {
         let q: Vec<f32> = (0..n * h * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
         let fresh: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();

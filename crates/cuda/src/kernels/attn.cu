@@ -502,21 +502,49 @@ extern "C" __global__ void topk_select(const float* scores, int ld, const int* v
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < v; i += blockDim.x) {
-            u32 key = fkey(sc[i]);
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        // scores read 8 per thread per batch, loads before the atomics (a plain
+        // strided loop is one dependent L2 round trip per iteration)
+        for (int b0 = 0; b0 < v; b0 += 8 * blockDim.x) {
+            float sv[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                int i = b0 + u * blockDim.x + threadIdx.x;
+                sv[u] = (i < v) ? sc[i] : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                int i = b0 + u * blockDim.x + threadIdx.x;
+                u32 key = fkey(sv[u]);
+                if (i < v && (key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+            }
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            int cum = 0;
-            for (int b = 255; b >= 0; b--) {
-                int h = (int)hist[b];
-                if (cum + h >= rem) {
-                    s_prefix = prefix | ((u32)b << shift);
-                    s_rem = rem - cum;
-                    break;
+        if (threadIdx.x < 32) {
+            // warp 0 finds the bin where the count from the top reaches rem:
+            // lane l sums bins 255 - 8l .. 248 - 8l, an inclusive scan over the
+            // lanes gives the cumulative counts, the crossing lane walks its 8
+            int l = threadIdx.x;
+            int hv[8], ls = 0;
+#pragma unroll
+            for (int u = 0; u < 8; u++) { hv[u] = (int)hist[255 - 8 * l - u]; ls += hv[u]; }
+            int inc = ls;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                int y = __shfl_up_sync(0xffffffffu, inc, o);
+                if (l >= o) inc += y;
+            }
+            int exc = inc - ls;
+            if (exc < rem && inc >= rem) {
+                int cum = exc;
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    if (cum + hv[u] >= rem) {
+                        s_prefix = prefix | ((u32)(255 - 8 * l - u) << shift);
+                        s_rem = rem - cum;
+                        break;
+                    }
+                    cum += hv[u];
                 }
-                cum += h;
             }
         }
         __syncthreads();

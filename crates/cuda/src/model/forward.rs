@@ -430,8 +430,9 @@ impl GpuModel {
             let blocks_x = (ld.div_ceil(8) as u32).min(264);
             let istride = state::dev_stride(self.idx_fmt());
             if matches!(id, 32 | 64 | 128) && (ih * id + ih) * F <= 48 * 1024 {
-                // one key row per thread (see attn.cu)
-                let bx = (ld.div_ceil(128) as u32).min(1024);
+                // 1-4 threads per key row (see attn.cu); at least 264 blocks so
+                // short contexts still spread over the GPU
+                let bx = (ld.div_ceil(128) as u32).clamp(264, 1024);
                 launch!(self.gpu, &format!("index_scores_rt{id}"), (bx, n as u32, 1), (128, 1, 1), ((ih * id + ih) * F) as u32;
                     iq, iw, irows.ptr, istride as i32, vis, ih as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
             } else {
