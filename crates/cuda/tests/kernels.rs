@@ -374,12 +374,12 @@ fn hc_pre_post_head_match_ops() {
     let (dx, dm, ds, db, dn) = (up(&x), up(&mixes), up(&scale), up(&base), up(&norm));
     let a = up(&vec![f32::NAN; n * d]);
     let hw = up(&vec![f32::NAN; n * (m + m * m)]);
-    launch!(g, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, dm.ptr, ds.ptr, db.ptr, dn.ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr, 0u64, 0u64, 0u64, 0u64, 1i32, 0i32).unwrap();
+    launch!(g, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, dm.ptr, ds.ptr, db.ptr, dn.ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr, 0u64, 0u64, 0u64, 0u64, 1i32, 0i32, 0u64, 0i32).unwrap();
     let ga = g.read_f32(a.ptr, n * d).unwrap();
     let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
     let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
     let df = up(&f);
-    launch!(g, "hc_post", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, df.ptr, hw.ptr, d as i32, m as i32).unwrap();
+    launch!(g, "hc_post", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, df.ptr, hw.ptr, d as i32, m as i32, 0u64).unwrap();
     let gx = g.read_f32(dx.ptr, n * m * d).unwrap();
     for t in 0..n {
         let xt = &x[t * m * d..(t + 1) * m * d];
@@ -957,7 +957,7 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     let hw = up(&vec![f32::NAN; n * (m + m * m)]);
     let q = bufs(n * d);
     launch!(g, "hc_pre", (n as u32, 3, 1), (256, 1, 1), 0; up(&x).ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr,
-        q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr, 1i32, 0i32).unwrap();
+        q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr, 1i32, 0i32, 0u64, 0i32).unwrap();
     let out = g.read_f32(a.ptr, n * d).unwrap();
     let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
     for t in 0..n {
@@ -976,8 +976,17 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     // hc_post over column slices of 256 (d = 512: two blocks per token)
     let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
     let dx = up(&x);
-    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; dx.ptr, up(&f).ptr, hw.ptr, d as i32, m as i32).unwrap();
+    let gp = up(&vec![f32::NAN; n * 2 * 10]);
+    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; dx.ptr, up(&f).ptr, hw.ptr, d as i32, m as i32, gp.ptr).unwrap();
     let gx = g.read_f32(dx.ptr, n * m * d).unwrap();
+    // the Gram parts hc_post leaves give hc_pre the same result as reading x
+    let (a1, a2) = (up(&vec![f32::NAN; n * d]), up(&vec![f32::NAN; n * d]));
+    for (ap, gpp, parts) in [(a1.ptr, 0u64, 0i32), (a2.ptr, gp.ptr, 2i32)] {
+        launch!(g, "hc_pre", (n as u32, 3, 1), (256, 1, 1), 0; dx.ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, ap, hw.ptr,
+            0u64, 0u64, 0u64, 0u64, 1i32, 0i32, gpp, parts).unwrap();
+    }
+    let (r1, r2) = (g.read_f32(a1.ptr, n * d).unwrap(), g.read_f32(a2.ptr, n * d).unwrap());
+    assert!(rel_err(&r2, &r1) < 1e-6, "hc_pre from hc_post's Gram parts");
     for t in 0..n {
         let xt = &x[t * m * d..(t + 1) * m * d];
         let r = ops::rms_inv(xt, 1e-6);

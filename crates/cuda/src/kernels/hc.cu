@@ -68,7 +68,8 @@ __device__ __forceinline__ float sumsq_batched(const float* p, int n) {
 // columns it does not own. m <= 4 (checked on the host).
 extern "C" __global__ void hc_pre(const float* x, const float* mixes, const float* scale, const float* base,
                                   const float* norm_w, int d, int m, int iters, float hc_eps, float rms_eps,
-                                  float* a, float* hw, i8* q0, float* d0, i8* qk, float* dk, int nparts, int pstride) {
+                                  float* a, float* hw, i8* q0, float* d0, i8* qk, float* dk, int nparts, int pstride,
+                                  const float* gp, int gparts) {
     __shared__ float sh[32];
     __shared__ float gsh[32][10];
     __shared__ float pre[16], mix[96], comb[64], msum[96];
@@ -81,28 +82,40 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
         for (int p = 0; p < nparts; p++) v += mixes[(u64)p * pstride + (u64)t * nmix + threadIdx.x];
         msum[threadIdx.x] = v;
     }
-    // G over all columns, 4 columns x m streams of loads in flight per thread
-    float g[10];
-#pragma unroll
-    for (int q = 0; q < 10; q++) g[q] = 0.f;
-    for (int b0 = 0; b0 < d; b0 += 4 * blockDim.x) {
-        float xv[4][4];
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            int i = b0 + k * blockDim.x + threadIdx.x;
-#pragma unroll
-            for (int j = 0; j < 4; j++) xv[k][j] = (j < m && i < d) ? xt[(u64)j * d + i] : 0.f;
+    // G: the per-block parts hc_post left in gp (when it wrote this x), added
+    // in order; else over all columns, 4 columns x m streams of loads in flight
+    // per thread
+    if (gp) {
+        __shared__ float gpsh[32 * 10];  // gparts <= 32 (checked on the host)
+        for (int i = threadIdx.x; i < gparts * 10; i += blockDim.x) gpsh[i] = gp[(u64)t * gparts * 10 + i];
+        __syncthreads();
+        if (threadIdx.x < 10) {
+            float v = 0.f;
+            for (int p = 0; p < gparts; p++) v += gpsh[p * 10 + threadIdx.x];
+            gsh[0][threadIdx.x] = v;
         }
+        __syncthreads();
+    } else {
+        float g[10];
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            int q = 0;
+        for (int q = 0; q < 10; q++) g[q] = 0.f;
+        for (int b0 = 0; b0 < d; b0 += 4 * blockDim.x) {
+            float xv[4][4];
 #pragma unroll
-            for (int j = 0; j < 4; j++)
+            for (int k = 0; k < 4; k++) {
+                int i = b0 + k * blockDim.x + threadIdx.x;
 #pragma unroll
-                for (int l = j; l < 4; l++) g[q++] += xv[k][j] * xv[k][l];
+                for (int j = 0; j < 4; j++) xv[k][j] = (j < m && i < d) ? xt[(u64)j * d + i] : 0.f;
+            }
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                int q = 0;
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int l = j; l < 4; l++) g[q++] += xv[k][j] * xv[k][l];
+            }
         }
-    }
-    {
         int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
 #pragma unroll
         for (int q = 0; q < 10; q++) {
@@ -241,22 +254,44 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
 // HcPost in place: x[t][k] = post[k] f[t] + sum_j comb[j][k] x[t][j].
 // Grid (tokens, ceil(d / blockDim)): one column per thread, all its loads
 // independent.
-extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, int d, int m) {
+extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, int d, int m, float* gp) {
+    // gp (may be null): this block's part of the new state's Gram matrix,
+    // gp[(t * gridDim.y + blockIdx.y) * 10 + q] over its columns (m <= 4), so
+    // the next hc_pre need not read the whole state again for its norms
+    __shared__ float gsh[32][10];
     int t = blockIdx.x;
     int i = blockIdx.y * blockDim.x + threadIdx.x;
-    if (i >= d) return;
+    bool ok = i < d;
     const float* w = hw + (u64)t * (m + m * m);
     float* xt = x + (u64)t * m * d;
-    float r[8];
+    float r[8], o[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < 8; j++) r[j] = (j < m) ? xt[(u64)j * d + i] : 0.f;
-    float fi = f[(u64)t * d + i];
+    for (int j = 0; j < 8; j++) r[j] = (ok && j < m) ? xt[(u64)j * d + i] : 0.f;
+    float fi = ok ? f[(u64)t * d + i] : 0.f;
     for (int k = 0; k < m; k++) {
         float v = w[k] * fi;
 #pragma unroll
         for (int j = 0; j < 8; j++)
             if (j < m) v += w[m + j * m + k] * r[j];
-        xt[(u64)k * d + i] = v;
+        if (ok) xt[(u64)k * d + i] = v;
+        if (k < 4) o[k] = ok ? v : 0.f;
+    }
+    if (!gp) return;
+    int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    int q = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int l = j; l < 4; l++) {
+            float v = warp_sum(o[j] * o[l]);
+            if (lane == 0) gsh[wp][q] = v;
+            q++;
+        }
+    __syncthreads();
+    if (threadIdx.x < 10) {
+        float v = 0.f;
+        for (int ww = 0; ww < nw; ww++) v += gsh[ww][threadIdx.x];
+        gp[((u64)t * gridDim.y + blockIdx.y) * 10 + threadIdx.x] = v;
     }
 }
 

@@ -172,7 +172,15 @@ impl GpuModel {
     /// HcPre for n tokens: a = RMSNorm(collapse(x)), hw = post/comb.
     /// `want0` / `wantk`: consumers of `a` multiply Q8_0 / K-type weights, so
     /// hc_pre also writes those 8-bit copies (8-bit mode).
-    fn hc_pre(&self, hc: &GHc, norm: u64, x: u64, n: usize, want0: bool, wantk: bool) -> Result<()> {
+    /// Parts of the state's Gram matrix hc_post writes (none past 32 parts).
+    fn gram_parts(&self) -> usize {
+        let p = self.cfg.dim.div_ceil(256);
+        if p <= 32 && self.cfg.hc <= 4 { p } else { 0 }
+    }
+
+    /// `gram`: x was just written by hc_post, which left its Gram parts.
+    #[allow(clippy::too_many_arguments)]
+    fn hc_pre(&self, hc: &GHc, norm: u64, x: u64, n: usize, want0: bool, wantk: bool, gram: bool) -> Result<()> {
         let c = self.cfg.clone();
         let nmix = (2 + c.hc) * c.hc;
         let (mixes, a, hw) = (self.s.mixes.ptr, self.s.a.ptr, self.s.hw.ptr);
@@ -185,7 +193,7 @@ impl GpuModel {
         let gy = if slices > 1 { slices + 1 } else { 1 };
         launch!(self.gpu, "hc_pre", (n as u32, gy as u32, 1), (256, 1, 1), 0;
             x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.sinkhorn_iters as i32, c.hc_eps, c.rms_eps, a, hw,
-            q0, d0, qk, dk, nparts, pstride)
+            q0, d0, qk, dk, nparts, pstride, if gram && self.gram_parts() > 0 { self.s.gp.ptr } else { 0u64 }, self.gram_parts() as i32)
     }
 
     /// The HC mix products fn . x (`rows` of them per token) into the `mixes`
@@ -206,7 +214,8 @@ impl GpuModel {
 
     fn hc_post(&self, x: u64, f: u64, n: usize) -> Result<()> {
         let c = &self.cfg;
-        launch!(self.gpu, "hc_post", (n as u32, c.dim.div_ceil(256) as u32, 1), (256, 1, 1), 0; x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32)
+        let gp = if self.gram_parts() > 0 { self.s.gp.ptr } else { 0u64 };
+        launch!(self.gpu, "hc_post", (n as u32, c.dim.div_ceil(256) as u32, 1), (256, 1, 1), 0; x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32, gp)
     }
 
     /// Logits of one token's HC state at x (main head or the MTP's).
@@ -274,7 +283,7 @@ impl GpuModel {
     fn enqueue_blocks(&self, st: &mut GState, n: usize) -> Result<()> {
         let pp = st.pos_dev.ptr;
         for (l, b) in self.blocks.iter().enumerate() {
-            self.block_forward(b, &mut st.layers[l], n, st.pos, pp, self.s.x.ptr)?;
+            self.block_forward(b, &mut st.layers[l], n, st.pos, pp, self.s.x.ptr, l > 0)?;
         }
         launch!(self.gpu, "advance_pos", (1, 1, 1), (32, 1, 1), 0; pp, n as i32)
     }
@@ -320,26 +329,29 @@ impl GpuModel {
             self.mv(mtp.h_proj.r(), hh, d, ph, d, m)?;
             launch!(self.gpu, "mtp_combine", (((m * d) as u32).div_ceil(256), 1, 1), (256, 1, 1), 0; pe, ph, d as i32, m as i32, x)?;
             let pp = mst.pos_dev.ptr;
-            self.block_forward(&mtp.block, &mut mst.layers[0], 1, mst.pos, pp, x)?;
+            self.block_forward(&mtp.block, &mut mst.layers[0], 1, mst.pos, pp, x, false)?;
             launch!(self.gpu, "advance_pos", (1, 1, 1), (32, 1, 1), 0; pp, 1i32)?;
             mst.pos += 1;
             self.head(&mtp.hc_head, mtp.norm.ptr, x)
         }
     }
 
-    fn block_forward(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64, x: u64) -> Result<()> {
+    /// `after_post`: x was last written by an hc_post (every block of a pass
+    /// but the first), so the attention HcPre can take its Gram parts.
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64, x: u64, after_post: bool) -> Result<()> {
         let d = self.cfg.dim;
         // 8-bit copies of `a` for the consumers: attention projections (q_a,
         // kv) and the FFN's experts / shared expert
         let q0 = |t: GgmlType| t == GgmlType::Q8_0;
-        self.hc_pre(&b.hc_attn, b.attn_norm.ptr, x, n, q0(b.q_a.ty) || q0(b.kv.ty), Self::is_k(b.q_a.ty) || Self::is_k(b.kv.ty))?;
+        self.hc_pre(&b.hc_attn, b.attn_norm.ptr, x, n, q0(b.q_a.ty) || q0(b.kv.ty), Self::is_k(b.q_a.ty) || Self::is_k(b.kv.ty), after_post)?;
         self.attention(b, st, n, p0, pp)?;
         let f = self.s.f.ptr;
         self.hc_post(x, f, n)?;
         let sh_ty = b.shared.as_ref().map(|s| s.0.ty);
         let want0 = q0(b.gate_exps.ty) || sh_ty.is_some_and(q0);
         let wantk = Self::is_k(b.gate_exps.ty) || sh_ty.is_some_and(Self::is_k);
-        self.hc_pre(&b.hc_ffn, b.ffn_norm.ptr, x, n, want0, wantk)?;
+        self.hc_pre(&b.hc_ffn, b.ffn_norm.ptr, x, n, want0, wantk, true)?;
         self.moe(b, n)?;
         let y = self.s.y.ptr;
         let _ = d;

@@ -252,6 +252,8 @@ pub(crate) struct Scratch {
     pub(crate) fqr: QFused,
     pub(crate) fh: QFused,
     pub(crate) fsh: QFused,
+    /// Gram-matrix parts of the HC state written by hc_post ([n][d/256][10])
+    pub(crate) gp: DevBuf,
 }
 
 /// 8-bit copies that producer kernels write beside their f32 output (fused
@@ -535,6 +537,7 @@ impl Scratch {
             fqr: QFused::new(g, n, c.q_lora_rank)?,
             fh: QFused::new(g, n * k, ff)?,
             fsh: QFused::new(g, n, ff)?,
+            gp: f(n * d.div_ceil(256) * 10)?,
         })
     }
 }
