@@ -266,9 +266,12 @@ fn topk_select_matches_cpu_with_ties() {
     // coarse values so ties are frequent
     let scores: Vec<f32> = (0..n * ld).map(|_| (rng.gen_range(-50i32..50) as f32) * 0.25).collect();
     let (ds, dv) = (g.upload(&scores).unwrap(), g.upload(&vis).unwrap());
+    // 1024 threads: keys cached in registers (v <= 32 x threads); 128 threads:
+    // the 5000-row token takes the uncached path
+    for threads in [1024u32, 128] {
     let sel = g.upload(&vec![-1i32; n * k]).unwrap();
     let cnt = g.upload(&vec![0i32; n]).unwrap();
-    launch!(g, "topk_select", (n as u32, 1, 1), (1024, 1, 1), 0; ds.ptr, ld as i32, dv.ptr, k as i32, sel.ptr, cnt.ptr).unwrap();
+    launch!(g, "topk_select", (n as u32, 1, 1), (threads, 1, 1), 0; ds.ptr, ld as i32, dv.ptr, k as i32, sel.ptr, cnt.ptr).unwrap();
     let got = g.read_i32(sel.ptr, n * k).unwrap();
     let gc = g.read_i32(cnt.ptr, n).unwrap();
     for t in 0..n {
@@ -279,7 +282,8 @@ fn topk_select_matches_cpu_with_ties() {
         let mut have: Vec<usize> = got[t * k..t * k + c].iter().map(|&i| i as usize).collect();
         assert!(have.windows(2).all(|w| w[0] < w[1]), "ascending order");
         have.sort();
-        assert_eq!(have, want, "token {t}");
+        assert_eq!(have, want, "token {t}, {threads} threads");
+    }
     }
 }
 

@@ -470,10 +470,18 @@ __device__ int block_rank(bool flag, int* wsum, int* tot) {
     __syncthreads();
     if (lane == 0) wsum[w] = __popc(m);
     __syncthreads();
-    if (threadIdx.x == 0) {
-        int s = 0;
-        for (int i = 0; i < nw; i++) { int c = wsum[i]; wsum[i] = s; s += c; }
-        *tot = s;
+    if (w == 0) {
+        // exclusive prefix over the warps by one warp scan (a serial walk by
+        // one thread was ~1K cycles per call, twice per 1K scores in top-k)
+        int c = (lane < nw) ? wsum[lane] : 0;
+        int inc = c;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(0xffffffffu, inc, o);
+            if (lane >= o) inc += y;
+        }
+        if (lane < nw) wsum[lane] = inc - c;
+        if (lane == 31) *tot = inc;
     }
     __syncthreads();
     return wsum[w] + pre;
@@ -482,41 +490,102 @@ __device__ int block_rank(bool flag, int* wsum, int* tot) {
 // Top-k rows per token by score (ties to the lower index), written in ascending
 // row order to sel[t][0..cnt[t]). Tokens with vis <= k select all visible rows.
 // Exact radix select on order-preserving keys (4 passes of 8 bits).
-extern "C" __global__ void topk_select(const float* scores, int ld, const int* vis, int k, int* sel, int* cnt) {
-    __shared__ u32 hist[256];
-    __shared__ int wsum[32];
-    __shared__ int tot;
-    __shared__ u32 s_prefix;
-    __shared__ int s_rem;
-    int t = blockIdx.x;
-    int v = vis[t];
-    int* out = sel + (u64)t * k;
-    const float* sc = scores + (u64)t * ld;
-    if (v <= k) {
-        for (int i = threadIdx.x; i < v; i += blockDim.x) out[i] = i;
-        if (threadIdx.x == 0) cnt[t] = v;
-        return;
+// Up to 32 x blockDim rows (128K context) the keys are read once into
+// registers (CACHED): the passes and the final ordered pass then make no loads
+// (each strided pass over L2 was a chain of dependent round trips).
+// Histograms are per warp (most scores share their top key bytes, so one
+// counter set had the whole block on a few counters), lanes with the same bin
+// merged first (one atomic per bin per warp).
+#define TK_KPT 32
+// In-place exclusive prefix sum of a[0..n) (n <= 32 * 32 * 32 and a multiple
+// of 32; blockDim.x a multiple of 32), in order, by the whole block; ws: 32
+// ints. Ends with a barrier.
+__device__ __forceinline__ void block_scan_excl(int* a, int n, int* ws) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    // each warp scans segments of 32 in turn, keeping a running total
+    int seg_per_warp = (n / 32 + nw - 1) / nw;
+    int run = 0;
+    for (int sg = 0; sg < seg_per_warp; sg++) {
+        int idx = (w * seg_per_warp + sg) * 32 + lane;
+        int c = idx < n ? a[idx] : 0;
+        int inc = c;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(0xffffffffu, inc, o);
+            if (lane >= o) inc += y;
+        }
+        if (idx < n) a[idx] = run + inc - c;
+        run += __shfl_sync(0xffffffffu, inc, 31);
+    }
+    if (lane == 0) ws[w] = run;
+    __syncthreads();
+    if (w == 0) {
+        int c = lane < nw ? ws[lane] : 0;
+        int inc = c;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(0xffffffffu, inc, o);
+            if (lane >= o) inc += y;
+        }
+        if (lane < nw) ws[lane] = inc - c;
+    }
+    __syncthreads();
+    int add = ws[w];
+    for (int sg = 0; sg < seg_per_warp; sg++) {
+        int idx = (w * seg_per_warp + sg) * 32 + lane;
+        if (idx < n) a[idx] += add;
+    }
+    __syncthreads();
+}
+
+template <bool CACHED>
+__device__ __forceinline__ void topk_body(const float* sc, int v, int k, int* out, u32* hist, u32 (*whist)[256], int* wsum, int* tot,
+                                          u32* s_prefix, int* s_rem) {
+    int lane = threadIdx.x & 31, wq = threadIdx.x >> 5, nwq = blockDim.x >> 5;
+    int nu = (v + blockDim.x - 1) / blockDim.x;
+    u32 kr[CACHED ? TK_KPT : 1];
+    if (CACHED) {
+#pragma unroll
+        for (int u = 0; u < TK_KPT; u++) {
+            int i = u * blockDim.x + threadIdx.x;
+            kr[u] = (u < nu && i < v) ? fkey(sc[i]) : 0u;
+        }
     }
     u32 prefix = 0, mask = 0;
     int rem = k;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        for (int i = threadIdx.x; i < 32 * 256; i += blockDim.x) whist[i >> 8][i & 255] = 0;
         __syncthreads();
-        // scores read 8 per thread per batch, loads before the atomics (a plain
-        // strided loop is one dependent L2 round trip per iteration)
-        for (int b0 = 0; b0 < v; b0 += 8 * blockDim.x) {
-            float sv[8];
-#pragma unroll
-            for (int u = 0; u < 8; u++) {
-                int i = b0 + u * blockDim.x + threadIdx.x;
-                sv[u] = (i < v) ? sc[i] : 0.f;
+        auto count = [&](u32 key, int i) {
+            bool in = i < v && (key & mask) == prefix;
+            u32 am = __ballot_sync(0xffffffffu, in);
+            if (in) {
+                u32 bin = (key >> shift) & 255;
+                u32 peers = __match_any_sync(am, bin);
+                if (lane == __ffs(peers) - 1) atomicAdd(&whist[wq][bin], (u32)__popc(peers));
             }
+        };
+        if (CACHED) {
 #pragma unroll
-            for (int u = 0; u < 8; u++) {
-                int i = b0 + u * blockDim.x + threadIdx.x;
-                u32 key = fkey(sv[u]);
-                if (i < v && (key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+            for (int u = 0; u < TK_KPT; u++)
+                if (u < nu) count(kr[u], u * blockDim.x + threadIdx.x);
+        } else {
+            for (int b0 = 0; b0 < v; b0 += 8 * blockDim.x) {
+                float sv[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    int i = b0 + u * blockDim.x + threadIdx.x;
+                    sv[u] = (i < v) ? sc[i] : 0.f;
+                }
+#pragma unroll
+                for (int u = 0; u < 8; u++) count(fkey(sv[u]), b0 + u * blockDim.x + threadIdx.x);
             }
+        }
+        __syncthreads();
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+            u32 c = 0;
+            for (int w = 0; w < nwq; w++) c += whist[w][b];
+            hist[b] = c;
         }
         __syncthreads();
         if (threadIdx.x < 32) {
@@ -539,8 +608,8 @@ extern "C" __global__ void topk_select(const float* scores, int ld, const int* v
 #pragma unroll
                 for (int u = 0; u < 8; u++) {
                     if (cum + hv[u] >= rem) {
-                        s_prefix = prefix | ((u32)(255 - 8 * l - u) << shift);
-                        s_rem = rem - cum;
+                        *s_prefix = prefix | ((u32)(255 - 8 * l - u) << shift);
+                        *s_rem = rem - cum;
                         break;
                     }
                     cum += hv[u];
@@ -548,26 +617,93 @@ extern "C" __global__ void topk_select(const float* scores, int ld, const int* v
             }
         }
         __syncthreads();
-        prefix = s_prefix;
-        rem = s_rem;
+        prefix = *s_prefix;
+        rem = *s_rem;
         mask |= 255u << shift;
         __syncthreads();
     }
-    // keys > T all selected; the first `rem` keys == T (lowest indices) too.
+    // keys > T all selected; the first `rem` keys == T (lowest indices) too,
+    // chunk by chunk of blockDim rows in row order
     int base = 0, eq_seen = 0;
-    for (int i0 = 0; i0 < v; i0 += blockDim.x) {
-        int i = i0 + threadIdx.x;
-        u32 key = (i < v) ? fkey(sc[i]) : 0;
+    auto emit = [&](u32 key, int i) {
         bool eq = (i < v) && key == prefix;
-        int eq_rank = block_rank(eq, wsum, &tot);
-        int eq_tot = tot;
+        int eq_rank = block_rank(eq, wsum, tot);
+        int eq_tot = *tot;
         bool take = (i < v) && (key > prefix || (eq && eq_seen + eq_rank < rem));
-        int r = block_rank(take, wsum, &tot);
+        int r = block_rank(take, wsum, tot);
         if (take) out[base + r] = i;
-        base += tot;
+        base += *tot;
         eq_seen += eq_tot;
         __syncthreads();
+    };
+    if (CACHED) {
+        // all chunks at once: per (chunk u, warp w) counts of keys == T and of
+        // taken keys, exclusive prefixes in row order (u-major, then warp,
+        // then lane) by block scans: 4 barriers instead of ~7 per chunk
+        int* ceq = (int*)&whist[0][0];       // [TK_KPT][32]
+        int* ctk = (int*)&whist[4][0];       // [TK_KPT][32]
+        u32 lt = (1u << lane) - 1;
+        for (int i = threadIdx.x; i < TK_KPT * 32; i += blockDim.x) { ceq[i] = 0; ctk[i] = 0; }
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < TK_KPT; u++)
+            if (u < nu) {
+                int i = u * blockDim.x + threadIdx.x;
+                u32 m = __ballot_sync(0xffffffffu, i < v && kr[u] == prefix);
+                if (lane == 0) ceq[u * 32 + wq] = __popc(m);
+            }
+        __syncthreads();
+        block_scan_excl(ceq, TK_KPT * 32, wsum);
+#pragma unroll
+        for (int u = 0; u < TK_KPT; u++)
+            if (u < nu) {
+                int i = u * blockDim.x + threadIdx.x;
+                bool eq = i < v && kr[u] == prefix;
+                u32 m = __ballot_sync(0xffffffffu, eq);
+                int eq_rank = ceq[u * 32 + wq] + __popc(m & lt);
+                bool take = i < v && (kr[u] > prefix || (eq && eq_rank < rem));
+                u32 tm = __ballot_sync(0xffffffffu, take);
+                if (lane == 0) ctk[u * 32 + wq] = __popc(tm);
+            }
+        __syncthreads();
+        block_scan_excl(ctk, TK_KPT * 32, wsum);
+#pragma unroll
+        for (int u = 0; u < TK_KPT; u++)
+            if (u < nu) {
+                int i = u * blockDim.x + threadIdx.x;
+                bool eq = i < v && kr[u] == prefix;
+                u32 m = __ballot_sync(0xffffffffu, eq);
+                int eq_rank = ceq[u * 32 + wq] + __popc(m & lt);
+                bool take = i < v && (kr[u] > prefix || (eq && eq_rank < rem));
+                u32 tm = __ballot_sync(0xffffffffu, take);
+                if (take) out[ctk[u * 32 + wq] + __popc(tm & lt)] = i;
+            }
+    } else {
+        for (int i0 = 0; i0 < v; i0 += blockDim.x) {
+            int i = i0 + threadIdx.x;
+            emit((i < v) ? fkey(sc[i]) : 0u, i);
+        }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(1024) topk_select(const float* scores, int ld, const int* vis, int k, int* sel, int* cnt) {
+    __shared__ u32 hist[256];
+    __shared__ u32 whist[32][256];
+    __shared__ int wsum[32];
+    __shared__ int tot;
+    __shared__ u32 s_prefix;
+    __shared__ int s_rem;
+    int t = blockIdx.x;
+    int v = vis[t];
+    int* out = sel + (u64)t * k;
+    const float* sc = scores + (u64)t * ld;
+    if (v <= k) {
+        for (int i = threadIdx.x; i < v; i += blockDim.x) out[i] = i;
+        if (threadIdx.x == 0) cnt[t] = v;
+        return;
+    }
+    if (v <= TK_KPT * (int)blockDim.x) topk_body<true>(sc, v, k, out, hist, whist, wsum, &tot, &s_prefix, &s_rem);
+    else topk_body<false>(sc, v, k, out, hist, whist, wsum, &tot, &s_prefix, &s_rem);
     if (threadIdx.x == 0) cnt[t] = k;
 }
 
