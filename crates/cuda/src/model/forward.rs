@@ -4,6 +4,13 @@
 
 use super::*;
 
+/// Most key splits of a single-token attention step (env DSV4_ATTN_SPLIT,
+/// 1..=MAX_SPLIT, for experiments; default 16).
+fn attn_split_max() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("DSV4_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(16).clamp(1, MAX_SPLIT))
+}
+
 impl GpuModel {
     /// y[t][r] = W x[t] for n tokens (x row stride xs, y row stride ys, in floats).
     /// In 8-bit mode, quantised weights take x quantised on this stream first.
@@ -471,7 +478,7 @@ impl GpuModel {
         // single-token steps split the keys over several blocks (flash-decoding)
         // (16 keys per split at most: a warp's keys are dependent DRAM round
         // trips, so short splits keep the kernel off the latency chain)
-        let nsplit = if n == 1 { max_keys.div_ceil(16).clamp(1, MAX_SPLIT) } else { 1 };
+        let nsplit = if n == 1 { max_keys.div_ceil(16).clamp(1, attn_split_max()) } else { 1 };
         let per = max_keys.div_ceil(nsplit);
         const HB: usize = 4;
         let part = self.s.part.ptr;

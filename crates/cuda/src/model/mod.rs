@@ -395,7 +395,7 @@ fn block_up(gpu: &Gpu, b: &Block) -> Result<GBlock> {
 
 const F: usize = 4; // bytes per f32
 /// most key splits of a single-token attention step
-const MAX_SPLIT: usize = 16;
+const MAX_SPLIT: usize = 64;
 
 impl GpuModel {
     /// Upload the model's weights and allocate state scratch for `ctx` tokens,
