@@ -355,7 +355,18 @@ fn sink_attention_matches_ops() {
             h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32).unwrap();
         if nsplit > 1 {
             launch!(g, "attn_combine", (n as u32, h as u32, 1), (128, 1, 1), 0;
-                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out.ptr).unwrap();
+                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out.ptr, 0u64, 0u64).unwrap();
+            // the same combine writing a Q8_0 copy: the CPU's quantisation of its output
+            let out2 = g.upload(&vec![f32::NAN; n * h * d]).unwrap();
+            let (q0, d0) = (g.upload(&vec![0x55u8; n * h * d]).unwrap(), g.upload(&vec![f32::NAN; n * h * d / 32]).unwrap());
+            launch!(g, "attn_combine", (n as u32, h as u32, 1), (128, 1, 1), 0;
+                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out2.ptr, q0.ptr, d0.ptr).unwrap();
+            let o2 = g.read_f32(out2.ptr, n * h * d).unwrap();
+            let codes: Vec<i8> = g.read_i32(q0.ptr, n * h * d / 4).unwrap().iter().flat_map(|w| w.to_le_bytes()).map(|b| b as i8).collect();
+            let sc = g.read_f32(d0.ptr, n * h * d / 32).unwrap();
+            let a = dsv4_gguf::kernels::quantize_acts(GgmlType::Q8_0, &o2);
+            assert_eq!(&codes[..], &a.q8_0().unwrap().qs[..], "combine Q8_0 codes");
+            assert_eq!(sc.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), a.q8_0().unwrap().d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "combine Q8_0 scales");
         }
         let got = g.read_f32(out.ptr, n * h * d).unwrap();
         let e = rel_err(&got, &want);
@@ -383,7 +394,7 @@ fn hc_pre_post_head_match_ops() {
     let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
     let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
     let df = up(&f);
-    launch!(g, "hc_post", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, df.ptr, hw.ptr, d as i32, m as i32, 0u64).unwrap();
+    launch!(g, "hc_post", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, df.ptr, hw.ptr, d as i32, m as i32, 0u64, 0u64, 0u64, 0i32, 0u64).unwrap();
     let gx = g.read_f32(dx.ptr, n * m * d).unwrap();
     for t in 0..n {
         let xt = &x[t * m * d..(t + 1) * m * d];
@@ -981,7 +992,7 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
     let dx = up(&x);
     let gp = up(&vec![f32::NAN; n * 2 * 10]);
-    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; dx.ptr, up(&f).ptr, hw.ptr, d as i32, m as i32, gp.ptr).unwrap();
+    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; dx.ptr, up(&f).ptr, hw.ptr, d as i32, m as i32, gp.ptr, 0u64, 0u64, 0i32, 0u64).unwrap();
     let gx = g.read_f32(dx.ptr, n * m * d).unwrap();
     // the Gram parts hc_post leaves give hc_pre the same result as reading x
     let (a1, a2) = (up(&vec![f32::NAN; n * d]), up(&vec![f32::NAN; n * d]));
@@ -991,6 +1002,19 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     }
     let (r1, r2) = (g.read_f32(a1.ptr, n * d).unwrap(), g.read_f32(a2.ptr, n * d).unwrap());
     assert!(rel_err(&r2, &r1) < 1e-6, "hc_pre from hc_post's Gram parts");
+    // hc_post reducing the MoE output itself equals moe_reduce + hc_post, bit for bit
+    let k = 3usize;
+    let yk: Vec<f32> = (0..n * k * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let ysh: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let pos: Vec<i32> = (0..(n * k) as i32).rev().collect();
+    let (dyk, dysh, dpos) = (up(&yk), up(&ysh), g.upload(&pos).unwrap());
+    let y = up(&vec![f32::NAN; n * d]);
+    launch!(g, "moe_reduce", (4, 1, 1), (256, 1, 1), 0; dyk.ptr, dysh.ptr, k as i32, d as i32, n as i32, y.ptr, dpos.ptr).unwrap();
+    let (xa, xb) = (up(&x), up(&x));
+    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; xa.ptr, y.ptr, hw.ptr, d as i32, m as i32, 0u64, 0u64, 0u64, 0i32, 0u64).unwrap();
+    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; xb.ptr, 0u64, hw.ptr, d as i32, m as i32, 0u64, dyk.ptr, dysh.ptr, k as i32, dpos.ptr).unwrap();
+    let (ga, gb) = (g.read_f32(xa.ptr, n * m * d).unwrap(), g.read_f32(xb.ptr, n * m * d).unwrap());
+    assert!(ga.iter().zip(&gb).all(|(a, b)| a.to_bits() == b.to_bits()), "hc_post with the MoE reduction inside");
     for t in 0..n {
         let xt = &x[t * m * d..(t + 1) * m * d];
         let r = ops::rms_inv(xt, 1e-6);

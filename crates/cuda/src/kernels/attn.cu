@@ -901,35 +901,61 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
 
 // Merge the splits of sink_attn: o = sum_s e^(m_s-M) o_s / (sum_s e^(m_s-M) l_s + e^(sink-M)).
 extern "C" __global__ void attn_combine(const float* part, int nsplit, const float* sinks, int h_count, int d, int rd,
-                                        const float* omega, const int* p0p, float* out) {
+                                        const float* omega, const int* p0p, float* out, i8* q0, float* d0) {
+    // (q0, d0: when set, `out` is also written as Q8_0 codes and scales, the
+    // input of the grouped output projection in 8-bit mode; blockDim 128)
     __shared__ float o[MAXD];
-    __shared__ float wsp[64];
+    __shared__ float wsp[64], lw_s[64];
     __shared__ float den_s;
     int t = blockIdx.x, h = blockIdx.y;
     int p = *p0p + t;
     const float* pp = part + ((u64)t * h_count + h) * nsplit * (d + 2);
-    if (threadIdx.x == 0) {
-        float M = sinks[h];
-        for (int s = 0; s < nsplit; s++) M = fmaxf(M, pp[s * (d + 2)]);
-        float den = expf(sinks[h] - M);
-        for (int s = 0; s < nsplit; s++) {
-            float m = pp[s * (d + 2)];
-            float w = (m == NEG_INF) ? 0.f : expf(m - M);
-            wsp[s] = w;
-            den += w * pp[s * (d + 2) + 1];
+    if (threadIdx.x < 32) {
+        // split weights by one warp (nsplit <= 64): lane s holds splits s, s+32
+        int l = threadIdx.x;
+        float m0 = (l < nsplit) ? pp[l * (d + 2)] : NEG_INF, m1 = (l + 32 < nsplit) ? pp[(l + 32) * (d + 2)] : NEG_INF;
+        float l0 = (l < nsplit) ? pp[l * (d + 2) + 1] : 0.f, l1 = (l + 32 < nsplit) ? pp[(l + 32) * (d + 2) + 1] : 0.f;
+        float M = warp_max(fmaxf(sinks[h], fmaxf(m0, m1)));
+        float w0 = (m0 == NEG_INF) ? 0.f : expf(m0 - M), w1 = (m1 == NEG_INF) ? 0.f : expf(m1 - M);
+        if (l < nsplit) wsp[l] = w0;
+        if (l + 32 < nsplit) wsp[l + 32] = w1;
+        // the denominator in split order, as before (sink first, then the
+        // splits): the products go to lane 0 through shared memory
+        float lw0 = w0 * l0, lw1 = w1 * l1;
+        if (l < nsplit) lw_s[l] = lw0;
+        if (l + 32 < nsplit) lw_s[l + 32] = lw1;
+        __syncwarp();
+        if (l == 0) {
+            float den = expf(sinks[h] - M);
+            for (int s2 = 0; s2 < nsplit; s2++) den += lw_s[s2];
+            den_s = den;
         }
-        den_s = den;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        // all partial values of this dim loaded before they are added
         float v = 0.f;
-        for (int s = 0; s < nsplit; s++) v += wsp[s] * pp[s * (d + 2) + 2 + i];
+        for (int s0 = 0; s0 < nsplit; s0 += 16) {
+            float pv[16];
+#pragma unroll
+            for (int u = 0; u < 16; u++) pv[u] = (s0 + u < nsplit) ? pp[(s0 + u) * (d + 2) + 2 + i] : 0.f;
+#pragma unroll
+            for (int u = 0; u < 16; u++)
+                if (s0 + u < nsplit) v += wsp[s0 + u] * pv[u];
+        }
         o[i] = v / den_s;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_pair(&o[d - rd + 2 * i], &o[d - rd + 2 * i + 1], omega[i], p, true);
     __syncthreads();
-    for (int i = threadIdx.x; i < d; i += blockDim.x) out[((u64)t * h_count + h) * d + i] = o[i];
+    for (int b0 = 0; b0 < d; b0 += blockDim.x) {
+        int i = b0 + threadIdx.x;
+        bool ok = i < d;
+        float v = ok ? o[i] : 0.f;
+        u64 flat = ((u64)t * h_count + h) * d + i;
+        if (ok) out[flat] = v;
+        if (q0) quant_vals(v, ok, flat, q0, d0, 0, 0);
+    }
 }
 
 // vis[t] = (p0 + t + 1) / ratio: compressed rows visible to chunk token t.

@@ -254,7 +254,11 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
 // HcPost in place: x[t][k] = post[k] f[t] + sum_j comb[j][k] x[t][j].
 // Grid (tokens, ceil(d / blockDim)): one column per thread, all its loads
 // independent.
-extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, int d, int m, float* gp) {
+// yk (may be null): f is the MoE output, reduced here as moe_reduce does it
+// (f = sum_j yk[row_j] + ysh, rows t*k + j or pos[t*k + j]) instead of in a
+// separate kernel.
+extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, int d, int m, float* gp,
+                                   const float* yk, const float* ysh, int k, const int* pos) {
     // gp (may be null): this block's part of the new state's Gram matrix,
     // gp[(t * gridDim.y + blockIdx.y) * 10 + q] over its columns (m <= 4), so
     // the next hc_pre need not read the whole state again for its norms
@@ -267,7 +271,23 @@ extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, in
     float r[8], o[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < 8; j++) r[j] = (ok && j < m) ? xt[(u64)j * d + i] : 0.f;
-    float fi = ok ? f[(u64)t * d + i] : 0.f;
+    float fi = 0.f;
+    if (ok && yk) {
+        float v[16];
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            u64 row = (j < k) ? (pos ? (u64)pos[(u64)t * k + j] : (u64)t * k + j) : 0;
+            v[j] = (j < k) ? yk[row * d + i] : 0.f;
+        }
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+            if (j < k) acc += v[j];
+        if (ysh) acc += ysh[(u64)t * d + i];
+        fi = acc;
+    } else if (ok) {
+        fi = f[(u64)t * d + i];
+    }
     for (int k = 0; k < m; k++) {
         float v = w[k] * fi;
 #pragma unroll

@@ -220,9 +220,16 @@ impl GpuModel {
     }
 
     fn hc_post(&self, x: u64, f: u64, n: usize) -> Result<()> {
+        self.hc_post_with(x, f, n, None)
+    }
+
+    /// HcPost; `moe` = (yk, ysh, pos): f is the MoE output, reduced inside.
+    fn hc_post_with(&self, x: u64, f: u64, n: usize, moe: Option<(u64, u64, u64)>) -> Result<()> {
         let c = &self.cfg;
         let gp = if self.gram_parts() > 0 { self.s.gp.ptr } else { 0u64 };
-        launch!(self.gpu, "hc_post", (n as u32, c.dim.div_ceil(256) as u32, 1), (256, 1, 1), 0; x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32, gp)
+        let (yk, ysh, pos) = moe.unwrap_or((0, 0, 0));
+        launch!(self.gpu, "hc_post", (n as u32, c.dim.div_ceil(256) as u32, 1), (256, 1, 1), 0;
+            x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32, gp, yk, ysh, c.n_experts_used as i32, pos)
     }
 
     /// Logits of one token's HC state at x (main head or the MTP's).
@@ -359,10 +366,10 @@ impl GpuModel {
         let want0 = q0(b.gate_exps.ty) || sh_ty.is_some_and(q0);
         let wantk = Self::is_k(b.gate_exps.ty) || sh_ty.is_some_and(Self::is_k);
         self.hc_pre(&b.hc_ffn, b.ffn_norm.ptr, x, n, want0, wantk, true)?;
-        self.moe(b, n)?;
+        let red = self.moe(b, n)?;
         let y = self.s.y.ptr;
         let _ = d;
-        self.hc_post(x, y, n)
+        self.hc_post_with(x, y, n, Some(red))
     }
 
     fn compress(&self, cp: &GComp, kvs: u64, scs: u64, rows: u64, n: usize, pp: u64, is_indexer: bool, omega: u64) -> Result<()> {
@@ -486,9 +493,12 @@ impl GpuModel {
         launch!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), ((HB * per + 8 * hd) * F) as u32;
             q, kv, st.ring.ptr, rows_ptr, rfmt, sel_ptr, self.s.cnt.ptr, self.s.vis.ptr, sel_ld as i32, b.sinks.ptr,
             h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o, part, per as i32)?;
+        // 8-bit mode: the combine also writes o as Q8_0 for the output projection
+        let fo = nsplit > 1 && self.uses_q8(b.o_a.ty) && b.o_a.ty == GgmlType::Q8_0 && (h * hd / c.o_groups) % 32 == 0 && hd <= 1024;
         if nsplit > 1 {
+            let (q0, d0) = if fo { (self.s.fo.q0.ptr, self.s.fo.d0.ptr) } else { (0u64, 0u64) };
             launch!(self.gpu, "attn_combine", (1, h as u32, 1), (128, 1, 1), 0;
-                part, nsplit as i32, b.sinks.ptr, h as i32, hd as i32, rd as i32, omega, pp, o)?;
+                part, nsplit as i32, b.sinks.ptr, h as i32, hd as i32, rd as i32, omega, pp, o, q0, d0)?;
         }
         let stored = n.min(c.window);
         if n > 1 {
@@ -500,7 +510,12 @@ impl GpuModel {
         if n == 1 {
             // all groups in one launch: group gi is "expert" gi of a stack of
             // ro-row matrices, input slice gi*gw, output slice gi*ro
-            self.mv_experts(b.o_a.r().rows(0, ro), o, gw, 1, u, ro, g, self.s.iota.ptr)?;
+            if fo {
+                let qa = QAct { q: self.s.fo.q0.ptr, d: self.s.fo.d0.ptr, qs: gw, ds: gw / 32 };
+                self.mvq_experts(b.o_a.r().rows(0, ro), qa, 1, u, ro, g, self.s.iota.ptr)?;
+            } else {
+                self.mv_experts(b.o_a.r().rows(0, ro), o, gw, 1, u, ro, g, self.s.iota.ptr)?;
+            }
         } else {
             for gi in 0..g {
                 self.mv(b.o_a.r().rows(gi * ro, ro), o + (gi * gw * F) as u64, h * hd, u + (gi * ro * F) as u64, g * ro, n)?;
@@ -509,7 +524,10 @@ impl GpuModel {
         self.mv(b.o_b.r(), u, g * ro, f, c.dim, n)
     }
 
-    fn moe(&self, b: &GBlock, n: usize) -> Result<()> {
+    /// The MoE of n tokens up to the expert outputs; returns (yk, ysh, pos)
+    /// for hc_post to reduce (ysh 0 without a shared expert, pos 0 unless the
+    /// slots were sorted by expert).
+    fn moe(&self, b: &GBlock, n: usize) -> Result<(u64, u64, u64)> {
         let c = self.cfg.clone();
         let (d, k, ne, ff) = (c.dim, c.n_experts_used, c.n_experts, c.expert_ff);
         let s = &self.s;
@@ -597,7 +615,7 @@ impl GpuModel {
             self.gpu.join(j)?;
             ysh = self.s.ysh.ptr;
         }
-        launch!(self.gpu, "moe_reduce", (((n * d) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
-            yk, ysh, k as i32, d as i32, n as i32, y, pos)
+        let _ = y;
+        Ok((yk, ysh, pos))
     }
 }

@@ -254,6 +254,8 @@ pub(crate) struct Scratch {
     pub(crate) fsh: QFused,
     /// Gram-matrix parts of the HC state written by hc_post ([n][d/256][10])
     pub(crate) gp: DevBuf,
+    /// attention output of a decode step as Q8_0 (written by attn_combine)
+    pub(crate) fo: QFused,
 }
 
 /// 8-bit copies that producer kernels write beside their f32 output (fused
@@ -538,6 +540,7 @@ impl Scratch {
             fh: QFused::new(g, n * k, ff)?,
             fsh: QFused::new(g, n, ff)?,
             gp: f(n * d.div_ceil(256) * 10)?,
+            fo: QFused::new(g, 1, h * hd)?,
         })
     }
 }
