@@ -119,8 +119,10 @@ pub fn spawn(mut generator: Box<dyn Generator>, queue: usize, metrics: Arc<Metri
                     s.finish
                 );
             }
-            let _ = job.tx.send(GenMsg::Done(result));
+            // counted out before the client hears Done, so a client that
+            // reads the metrics right after its last event sees it finished
             m.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let _ = job.tx.send(GenMsg::Done(result));
         }
     })?;
     Ok(WorkerHandle { tx, metrics, info })

@@ -884,17 +884,15 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
                 rope_pair(&oacc[h * d + d - rd + 2 * i], &oacc[h * d + d - rd + 2 * i + 1], omega[i], p, true);
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < HB * d; i += blockDim.x) {
-            int h = i / d;
-            if (h0 + h < h_count) out[((u64)t * h_count + h0 + h) * d + (i % d)] = oacc[i];
-        }
+        // (per head: no integer division by d in the loop)
+        for (int h = 0; h < HB && h0 + h < h_count; h++)
+            for (int c = threadIdx.x; c < d; c += blockDim.x) out[((u64)t * h_count + h0 + h) * d + c] = oacc[h * d + c];
     } else {
-        // partial for (t, head, split): [m, l, o[d]]
-        for (int i = threadIdx.x; i < HB * (d + 2); i += blockDim.x) {
-            int h = i / (d + 2), c = i % (d + 2);
-            if (h0 + h >= h_count) continue;
-            float v = (c == 0) ? mx_s[h] : (c == 1) ? den_s[h] : oacc[h * d + c - 2];
-            part[(((u64)t * h_count + h0 + h) * nsplit + split) * (d + 2) + c] = v;
+        // partial for (t, head, split): [m, l, o[d]] (per head: a division by
+        // d + 2 per element was a fifth of this kernel's time)
+        for (int h = 0; h < HB && h0 + h < h_count; h++) {
+            float* dst = part + (((u64)t * h_count + h0 + h) * nsplit + split) * (d + 2);
+            for (int c = threadIdx.x; c < d + 2; c += blockDim.x) dst[c] = (c == 0) ? mx_s[h] : (c == 1) ? den_s[h] : oacc[h * d + c - 2];
         }
     }
 }
