@@ -394,7 +394,7 @@ fn hc_pre_post_head_match_ops() {
     let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
     let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
     let df = up(&f);
-    launch!(g, "hc_post", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, df.ptr, hw.ptr, d as i32, m as i32, 0u64, 0u64, 0u64, 0i32, 0u64).unwrap();
+    launch!(g, "hc_post", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, df.ptr, hw.ptr, d as i32, m as i32, 0u64, 0u64, 0u64, 0i32, 0u64, 0u64, 0i32, 0u64).unwrap();
     let gx = g.read_f32(dx.ptr, n * m * d).unwrap();
     for t in 0..n {
         let xt = &x[t * m * d..(t + 1) * m * d];
@@ -992,7 +992,7 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
     let dx = up(&x);
     let gp = up(&vec![f32::NAN; n * 2 * 10]);
-    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; dx.ptr, up(&f).ptr, hw.ptr, d as i32, m as i32, gp.ptr, 0u64, 0u64, 0i32, 0u64).unwrap();
+    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; dx.ptr, up(&f).ptr, hw.ptr, d as i32, m as i32, gp.ptr, 0u64, 0u64, 0i32, 0u64, 0u64, 0i32, 0u64).unwrap();
     let gx = g.read_f32(dx.ptr, n * m * d).unwrap();
     // the Gram parts hc_post leaves give hc_pre the same result as reading x
     let (a1, a2) = (up(&vec![f32::NAN; n * d]), up(&vec![f32::NAN; n * d]));
@@ -1011,10 +1011,25 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     let y = up(&vec![f32::NAN; n * d]);
     launch!(g, "moe_reduce", (4, 1, 1), (256, 1, 1), 0; dyk.ptr, dysh.ptr, k as i32, d as i32, n as i32, y.ptr, dpos.ptr).unwrap();
     let (xa, xb) = (up(&x), up(&x));
-    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; xa.ptr, y.ptr, hw.ptr, d as i32, m as i32, 0u64, 0u64, 0u64, 0i32, 0u64).unwrap();
-    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; xb.ptr, 0u64, hw.ptr, d as i32, m as i32, 0u64, dyk.ptr, dysh.ptr, k as i32, dpos.ptr).unwrap();
+    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; xa.ptr, y.ptr, hw.ptr, d as i32, m as i32, 0u64, 0u64, 0u64, 0i32, 0u64, 0u64, 0i32, 0u64).unwrap();
+    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; xb.ptr, 0u64, hw.ptr, d as i32, m as i32, 0u64, dyk.ptr, dysh.ptr, k as i32, dpos.ptr, 0u64, 0i32, 0u64).unwrap();
     let (ga, gb) = (g.read_f32(xa.ptr, n * m * d).unwrap(), g.read_f32(xb.ptr, n * m * d).unwrap());
     assert!(ga.iter().zip(&gb).all(|(a, b)| a.to_bits() == b.to_bits()), "hc_post with the MoE reduction inside");
+    // hc_post leaving the next HC's mix products as per-block partials
+    let frows = 24usize;
+    let fnw = random_rows(&mut rng, GgmlType::F16, frows, m * d);
+    let xc = up(&x);
+    let mixp = up(&vec![f32::NAN; 2 * n * frows]);
+    launch!(g, "hc_post", (n as u32, 2, 1), (256, 1, 1), 0; xc.ptr, y.ptr, hw.ptr, d as i32, m as i32, 0u64, 0u64, 0u64, 0i32, 0u64,
+        g.upload(&fnw).unwrap().ptr, frows as i32, mixp.ptr).unwrap();
+    let (gxc, gm) = (g.read_f32(xc.ptr, n * m * d).unwrap(), g.read_f32(mixp.ptr, 2 * n * frows).unwrap());
+    assert!(gxc.iter().zip(&ga).all(|(a, b)| a.to_bits() == b.to_bits()), "hc_post state unchanged by the mix partials");
+    let rb = GgmlType::F16.row_bytes(m * d).unwrap();
+    for t in 0..n {
+        let got: Vec<f32> = (0..frows).map(|r| (0..2).map(|p| gm[(p * n + t) * frows + r]).sum()).collect();
+        let want: Vec<f32> = (0..frows).map(|r| quant::dot_f32(GgmlType::F16, &fnw[r * rb..(r + 1) * rb], &gxc[t * m * d..(t + 1) * m * d])).collect();
+        assert!(rel_err(&got, &want) < 1e-5, "mix partials token {t}");
+    }
     for t in 0..n {
         let xt = &x[t * m * d..(t + 1) * m * d];
         let r = ops::rms_inv(xt, 1e-6);

@@ -257,8 +257,14 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
 // yk (may be null): f is the MoE output, reduced here as moe_reduce does it
 // (f = sum_j yk[row_j] + ysh, rows t*k + j or pos[t*k + j]) instead of in a
 // separate kernel.
+// fnw (may be null): the next HC's mix weights (F16, frows rows of m*d): the
+// block also writes its part of their products with the new state,
+// mixp[(blockIdx.y * gridDim.x + t) * frows + r], which the next hc_pre or
+// hc_head adds in order (the separate mixes matvec is skipped).
 extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, int d, int m, float* gp,
-                                   const float* yk, const float* ysh, int k, const int* pos) {
+                                   const float* yk, const float* ysh, int k, const int* pos,
+                                   const u16* fnw, int frows, float* mixp) {
+    __shared__ float msh[8][32];
     // gp (may be null): this block's part of the new state's Gram matrix,
     // gp[(t * gridDim.y + blockIdx.y) * 10 + q] over its columns (m <= 4), so
     // the next hc_pre need not read the whole state again for its norms
@@ -296,8 +302,36 @@ extern "C" __global__ void hc_post(float* x, const float* f, const float* hw, in
         if (ok) xt[(u64)k * d + i] = v;
         if (k < 4) o[k] = ok ? v : 0.f;
     }
-    if (!gp) return;
     int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (fnw) {
+        // blockDim 256 (8 warps), frows <= 32
+        // 8 rows at a time, their weight loads issued together
+        int md = m * d;
+        for (int r0 = 0; r0 < frows; r0 += 8) {
+            u16 wv[8][4];
+#pragma unroll
+            for (int rr = 0; rr < 8; rr++)
+#pragma unroll
+                for (int kk = 0; kk < 4; kk++) wv[rr][kk] = (ok && r0 + rr < frows && kk < m) ? fnw[(u64)(r0 + rr) * md + (u64)kk * d + i] : (u16)0;
+#pragma unroll
+            for (int rr = 0; rr < 8; rr++) {
+                float pv = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < 4; kk++)
+                    if (kk < m) pv += h2f(wv[rr][kk]) * o[kk];
+                pv = warp_sum(pv);
+                if (lane == 0 && r0 + rr < frows) msh[wp][r0 + rr] = pv;
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < frows) {
+            float v = 0.f;
+            for (int w = 0; w < nw; w++) v += msh[w][threadIdx.x];
+            mixp[((u64)blockIdx.y * gridDim.x + t) * frows + threadIdx.x] = v;
+        }
+        __syncthreads();
+    }
+    if (!gp) return;
     int q = 0;
 #pragma unroll
     for (int j = 0; j < 4; j++)

@@ -187,11 +187,12 @@ impl GpuModel {
 
     /// `gram`: x was just written by hc_post, which left its Gram parts.
     #[allow(clippy::too_many_arguments)]
-    fn hc_pre(&self, hc: &GHc, norm: u64, x: u64, n: usize, want0: bool, wantk: bool, gram: bool) -> Result<()> {
+    fn hc_pre(&self, hc: &GHc, norm: u64, x: u64, n: usize, want0: bool, wantk: bool, gram: bool, mix_ready: bool) -> Result<()> {
         let c = self.cfg.clone();
         let nmix = (2 + c.hc) * c.hc;
         let (mixes, a, hw) = (self.s.mixes.ptr, self.s.a.ptr, self.s.hw.ptr);
-        let (nparts, pstride) = self.hc_mixes(hc, x, n, nmix)?;
+        // the mixes: partials the previous hc_post left, or computed here
+        let (nparts, pstride) = if mix_ready { (self.cfg.dim.div_ceil(256) as i32, (n * nmix) as i32) } else { self.hc_mixes(hc, x, n, nmix)? };
         let (q0, d0, qk, dk) = self.s.fa.args(self.q8, want0, wantk);
         // a token's columns in slices of 256 (or more) over several blocks
         let k256 = if c.dim % 256 == 0 { c.dim / 256 } else { 1 };
@@ -219,30 +220,50 @@ impl GpuModel {
         Ok((1, 0))
     }
 
-    fn hc_post(&self, x: u64, f: u64, n: usize) -> Result<()> {
-        self.hc_post_with(x, f, n, None)
-    }
-
-    /// HcPost; `moe` = (yk, ysh, pos): f is the MoE output, reduced inside.
-    fn hc_post_with(&self, x: u64, f: u64, n: usize, moe: Option<(u64, u64, u64)>) -> Result<()> {
+    /// HcPost; `moe` = (yk, ysh, pos): f is the MoE output, reduced inside;
+    /// `next`: the HC whose mix products hc_post should leave as partials
+    /// (when `mix_fused` allows; the consumer must be told the same).
+    fn hc_post_with(&self, x: u64, f: u64, n: usize, moe: Option<(u64, u64, u64)>, next: Option<&GHc>) -> Result<()> {
         let c = &self.cfg;
         let gp = if self.gram_parts() > 0 { self.s.gp.ptr } else { 0u64 };
         let (yk, ysh, pos) = moe.unwrap_or((0, 0, 0));
+        let (fnw, frows) = match next {
+            Some(h) if self.mix_fused(h, n) => (h.fn_.buf.ptr, h.fn_.rows as i32),
+            _ => (0u64, 0i32),
+        };
         launch!(self.gpu, "hc_post", (n as u32, c.dim.div_ceil(256) as u32, 1), (256, 1, 1), 0;
-            x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32, gp, yk, ysh, c.n_experts_used as i32, pos)
+            x, f, self.s.hw.ptr, c.dim as i32, c.hc as i32, gp, yk, ysh, c.n_experts_used as i32, pos, fnw, frows, self.s.mixes.ptr)
+    }
+
+    /// Whether hc_post computes `hc`'s mix products as partials for n tokens
+    /// (decode only: the partials of a longer chunk would not fit `mixes`).
+    pub(crate) fn mix_fused(&self, hc: &GHc, n: usize) -> bool {
+        let c = &self.cfg;
+        let parts = c.dim.div_ceil(256);
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        // measured slower than the separate split-K product (H200, q8, 4K: 8.55 vs
+        // 8.35-8.39 ms; docs/perf.md), so opt-in (DSV4_MIX_FUSE=1)
+        let on = *ON.get_or_init(|| std::env::var("DSV4_MIX_FUSE").map(|v| v == "1").unwrap_or(false));
+        on && n == 1 && hc.fn_.ty == GgmlType::F16 && hc.fn_.cols == c.hc * c.dim && hc.fn_.rows <= 32 && c.hc <= 4
+            && parts * hc.fn_.rows <= self.s.n * (2 + c.hc) * c.hc
     }
 
     /// Logits of one token's HC state at x (main head or the MTP's).
-    fn head(&self, hc: &GHc, norm: u64, x: u64) -> Result<Vec<f32>> {
-        self.enqueue_head(hc, norm, x)?;
+    fn head(&self, hc: &GHc, norm: u64, x: u64, mix_ready: bool) -> Result<Vec<f32>> {
+        self.enqueue_head_with(hc, norm, x, mix_ready)?;
         self.gpu.read_f32(self.s.logits.ptr, self.cfg.vocab)
     }
 
     /// Queue the head computation; logits land in the scratch `logits` buffer.
     pub(crate) fn enqueue_head(&self, hc: &GHc, norm: u64, x: u64) -> Result<()> {
+        self.enqueue_head_with(hc, norm, x, false)
+    }
+
+    /// `mix_ready`: the last hc_post left this head's mix partials (decode).
+    fn enqueue_head_with(&self, hc: &GHc, norm: u64, x: u64, mix_ready: bool) -> Result<()> {
         let c = self.cfg.clone();
         let (mixes, hy, logits) = (self.s.mixes.ptr, self.s.head_y.ptr, self.s.logits.ptr);
-        let (nparts, pstride) = self.hc_mixes(hc, x, 1, c.hc)?;
+        let (nparts, pstride) = if mix_ready { (c.dim.div_ceil(256) as i32, c.hc as i32) } else { self.hc_mixes(hc, x, 1, c.hc)? };
         launch!(self.gpu, "hc_head", (1, 1, 1), (1024, 1, 1), 0;
             x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.hc_eps, c.rms_eps, hy, nparts, pstride)?;
         self.mv(self.output.r(), hy, c.dim, logits, c.vocab, 1)
@@ -284,10 +305,10 @@ impl GpuModel {
             let norm = self.output_norm.ptr;
             if want.all_logits {
                 for t in 0..n {
-                    out.logits.extend(self.head(&self.hc_head, norm, self.s.x.f32_at(t * md))?);
+                    out.logits.extend(self.head(&self.hc_head, norm, self.s.x.f32_at(t * md), n == 1 && self.mix_fused(&self.hc_head, 1))?);
                 }
             } else if done + n == tokens.len() {
-                out.logits = self.head(&self.hc_head, norm, self.s.x.f32_at((n - 1) * md))?;
+                out.logits = self.head(&self.hc_head, norm, self.s.x.f32_at((n - 1) * md), n == 1 && self.mix_fused(&self.hc_head, 1))?;
             }
             done += n;
         }
@@ -297,7 +318,8 @@ impl GpuModel {
     fn enqueue_blocks(&self, st: &mut GState, n: usize) -> Result<()> {
         let pp = st.pos_dev.ptr;
         for (l, b) in self.blocks.iter().enumerate() {
-            self.block_forward(b, &mut st.layers[l], n, st.pos, pp, self.s.x.ptr, l > 0)?;
+            let next = self.blocks.get(l + 1).map(|nb| &nb.hc_attn).unwrap_or(&self.hc_head);
+            self.block_forward(b, &mut st.layers[l], n, st.pos, pp, self.s.x.ptr, l > 0, next)?;
         }
         launch!(self.gpu, "advance_pos", (1, 1, 1), (32, 1, 1), 0; pp, n as i32)
     }
@@ -343,33 +365,37 @@ impl GpuModel {
             self.mv(mtp.h_proj.r(), hh, d, ph, d, m)?;
             launch!(self.gpu, "mtp_combine", (((m * d) as u32).div_ceil(256), 1, 1), (256, 1, 1), 0; pe, ph, d as i32, m as i32, x)?;
             let pp = mst.pos_dev.ptr;
-            self.block_forward(&mtp.block, &mut mst.layers[0], 1, mst.pos, pp, x, false)?;
+            self.block_forward(&mtp.block, &mut mst.layers[0], 1, mst.pos, pp, x, false, &mtp.hc_head)?;
             launch!(self.gpu, "advance_pos", (1, 1, 1), (32, 1, 1), 0; pp, 1i32)?;
             mst.pos += 1;
-            self.head(&mtp.hc_head, mtp.norm.ptr, x)
+            self.head(&mtp.hc_head, mtp.norm.ptr, x, self.mix_fused(&mtp.hc_head, 1))
         }
     }
 
     /// `after_post`: x was last written by an hc_post (every block of a pass
     /// but the first), so the attention HcPre can take its Gram parts.
     #[allow(clippy::too_many_arguments)]
-    fn block_forward(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64, x: u64, after_post: bool) -> Result<()> {
+    /// `next`: the HC after this block (the next block's attention HC or the
+    /// head's), whose mixes the block's last hc_post leaves as partials.
+    fn block_forward(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64, x: u64, after_post: bool, next: &GHc) -> Result<()> {
         let d = self.cfg.dim;
         // 8-bit copies of `a` for the consumers: attention projections (q_a,
         // kv) and the FFN's experts / shared expert
         let q0 = |t: GgmlType| t == GgmlType::Q8_0;
-        self.hc_pre(&b.hc_attn, b.attn_norm.ptr, x, n, q0(b.q_a.ty) || q0(b.kv.ty), Self::is_k(b.q_a.ty) || Self::is_k(b.kv.ty), after_post)?;
+        // (after an hc_post, that hc_post left this HC's mix partials)
+        self.hc_pre(&b.hc_attn, b.attn_norm.ptr, x, n, q0(b.q_a.ty) || q0(b.kv.ty), Self::is_k(b.q_a.ty) || Self::is_k(b.kv.ty), after_post,
+            after_post && self.mix_fused(&b.hc_attn, n))?;
         self.attention(b, st, n, p0, pp)?;
         let f = self.s.f.ptr;
-        self.hc_post(x, f, n)?;
+        self.hc_post_with(x, f, n, None, Some(&b.hc_ffn))?;
         let sh_ty = b.shared.as_ref().map(|s| s.0.ty);
         let want0 = q0(b.gate_exps.ty) || sh_ty.is_some_and(q0);
         let wantk = Self::is_k(b.gate_exps.ty) || sh_ty.is_some_and(Self::is_k);
-        self.hc_pre(&b.hc_ffn, b.ffn_norm.ptr, x, n, want0, wantk, true)?;
+        self.hc_pre(&b.hc_ffn, b.ffn_norm.ptr, x, n, want0, wantk, true, self.mix_fused(&b.hc_ffn, n))?;
         let red = self.moe(b, n)?;
         let y = self.s.y.ptr;
         let _ = d;
-        self.hc_post_with(x, y, n, Some(red))
+        self.hc_post_with(x, y, n, Some(red), Some(next))
     }
 
     fn compress(&self, cp: &GComp, kvs: u64, scs: u64, rows: u64, n: usize, pp: u64, is_indexer: bool, omega: u64) -> Result<()> {
