@@ -62,6 +62,7 @@ impl GpuModel {
 
     /// Grouped matvec over expert-sorted rows: tile t = (matrix, first row,
     /// rows ≤ 8) of `tiles`; each weight row is read once per tile.
+    #[allow(clippy::too_many_arguments)]
     fn mv_grouped(&self, w: MatRef, x: u64, xs: usize, y: u64, ys: usize, tiles: u64, max_tiles: usize, rows_x: usize, pre: Option<QAct>) -> Result<()> {
         let suffix = mv_suffix(w.ty).ok_or_else(|| CudaError::Unsupported(format!("type {}", w.ty.name())))?;
         if self.uses_q8(w.ty) {
@@ -136,6 +137,7 @@ impl GpuModel {
     }
 
     /// Expert matvec with 8-bit activations: y[s] = W[eids[s]] xq[s / x_group].
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn mvq_experts(&self, w: MatRef, qa: QAct, x_group: usize, y: u64, ys: usize, slots: usize, eids: u64) -> Result<()> {
         let suffix = Self::mq_suffix(&w)?;
         let rpb = Self::mq_grid(&w).1;
@@ -165,6 +167,7 @@ impl GpuModel {
 
     /// y = W x where `x` also exists as the fused 8-bit copy `fq` (written by
     /// its producer): 8-bit mode uses the copy, f32 mode (or float weights) x.
+    #[allow(clippy::too_many_arguments)]
     fn mv_fused(&self, w: MatRef, x: u64, xs: usize, y: u64, ys: usize, n: usize, fq: &QFused) -> Result<()> {
         match self.uses_q8(w.ty).then(|| fq.get(w.ty)).flatten() {
             Some(qa) => self.mvq(w, qa, y, ys, n),
