@@ -114,6 +114,15 @@ extern "C" __global__ void quant_q8(const float* x, int xs, int cols, i8* q0, fl
 #define IQ2_POS 0x002B1908u
 #define IQ2_NEG 0x00D5E7F8u
 
+// PRMT with the selector as is: its low 16 bits are the four byte selectors
+// (nibble bit 3 clear here, so no sign replication); __byte_perm would mask
+// them first, two extra instructions per 8 values.
+__device__ __forceinline__ u32 prmt_raw(u32 a, u32 b, u32 sel) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
 // Sign nibbles of a 7-bit IQ2 sign index by arithmetic (no table look-up:
 // shared-memory look-ups with random indices bank-conflict, and were the
 // kernel's limiter): the 8th sign is the parity of the 7 stored ones (an even
@@ -333,8 +342,8 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
                     u32 sel = gsel[(a0 >> (8 * k)) & 255] | sign_sel((a1 >> (7 * k)) & 127);
-                    v[2 * k] = (int)__byte_perm(IQ2_POS, IQ2_NEG, sel);
-                    v[2 * k + 1] = (int)__byte_perm(IQ2_POS, IQ2_NEG, sel >> 16);
+                    v[2 * k] = (int)prmt_raw(IQ2_POS, IQ2_NEG, sel);
+                    v[2 * k + 1] = (int)prmt_raw(IQ2_POS, IQ2_NEG, sel >> 16);
                 }
                 float fs = D[u] * 0.125f * (float)(2 * (int)(a1 >> 28) + 1);
 #pragma unroll
