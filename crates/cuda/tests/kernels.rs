@@ -115,6 +115,14 @@ fn random_rows(rng: &mut rand::rngs::StdRng, ty: GgmlType, rows: usize, cols: us
     b
 }
 
+/// The CPU's HC weights for one token (state `xt`, raw mixes fn . x), as
+/// hc_pre computes them (eps 1e-6, 20 Sinkhorn iterations).
+fn hc_weights_ref(xt: &[f32], mixes_t: &[f32], scale: &[f32], base: &[f32], m: usize) -> ops::HcWeights {
+    let r = ops::rms_inv(xt, 1e-6);
+    let mx: Vec<f32> = mixes_t.iter().map(|v| v * r).collect();
+    ops::hc_split_sinkhorn(&mx, scale, base, m, 20, 1e-6)
+}
+
 fn suffix(ty: GgmlType) -> &'static str {
     match ty {
         GgmlType::F32 => "f32",
@@ -398,9 +406,7 @@ fn hc_pre_post_head_match_ops() {
     let gx = g.read_f32(dx.ptr, n * m * d).unwrap();
     for t in 0..n {
         let xt = &x[t * m * d..(t + 1) * m * d];
-        let r = ops::rms_inv(xt, 1e-6);
-        let mx: Vec<f32> = mixes[t * nmix..(t + 1) * nmix].iter().map(|v| v * r).collect();
-        let w = ops::hc_split_sinkhorn(&mx, &scale, &base, m, 20, 1e-6);
+        let w = hc_weights_ref(xt, &mixes[t * nmix..(t + 1) * nmix], &scale, &base, m);
         let mut at = vec![0.0f32; d];
         ops::hc_collapse(xt, &w.pre, d, &mut at);
         ops::rmsnorm_inplace(&mut at, &norm, 1e-6);
@@ -977,9 +983,7 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
     for t in 0..n {
         let xt = &x[t * m * d..(t + 1) * m * d];
-        let r = ops::rms_inv(xt, 1e-6);
-        let mx: Vec<f32> = mixes[t * nmix..(t + 1) * nmix].iter().map(|v| v * r).collect();
-        let w = ops::hc_split_sinkhorn(&mx, &scale, &base, m, 20, 1e-6);
+        let w = hc_weights_ref(xt, &mixes[t * nmix..(t + 1) * nmix], &scale, &base, m);
         let mut at = vec![0.0f32; d];
         ops::hc_collapse(xt, &w.pre, d, &mut at);
         ops::rmsnorm_inplace(&mut at, &norm, 1e-6);
@@ -1032,9 +1036,7 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     }
     for t in 0..n {
         let xt = &x[t * m * d..(t + 1) * m * d];
-        let r = ops::rms_inv(xt, 1e-6);
-        let mx: Vec<f32> = mixes[t * nmix..(t + 1) * nmix].iter().map(|v| v * r).collect();
-        let w = ops::hc_split_sinkhorn(&mx, &scale, &base, m, 20, 1e-6);
+        let w = hc_weights_ref(xt, &mixes[t * nmix..(t + 1) * nmix], &scale, &base, m);
         let mut xo = vec![0.0f32; m * d];
         ops::hc_post(&f[t * d..(t + 1) * d], xt, &w, d, &mut xo);
         assert!(rel_err(&gx[t * m * d..(t + 1) * m * d], &xo) < 1e-5, "sliced hc_post");

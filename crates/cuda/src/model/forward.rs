@@ -169,10 +169,16 @@ impl GpuModel {
     /// its producer): 8-bit mode uses the copy, f32 mode (or float weights) x.
     #[allow(clippy::too_many_arguments)]
     fn mv_fused(&self, w: MatRef, x: u64, xs: usize, y: u64, ys: usize, n: usize, fq: &QFused) -> Result<()> {
-        match self.uses_q8(w.ty).then(|| fq.get(w.ty)).flatten() {
+        match self.fused(fq, w.ty) {
             Some(qa) => self.mvq(w, qa, y, ys, n),
             None => self.mv(w, x, xs, y, ys, n),
         }
+    }
+
+    /// The producer-written 8-bit copy `fq` for weights of type `ty`, when
+    /// 8-bit mode uses one for them.
+    fn fused(&self, fq: &QFused, ty: GgmlType) -> Option<QAct> {
+        self.uses_q8(ty).then(|| fq.get(ty)).flatten()
     }
 
     fn is_k(ty: GgmlType) -> bool {
@@ -567,7 +573,7 @@ impl GpuModel {
             Some((w1, w3, w2)) => {
                 let (_, j) = self.gpu.on_side(1, || -> Result<()> {
                     let (sg, su, sh, ys) = (self.s.sg.ptr, self.s.su.ptr, self.s.sh.ptr, self.s.ysh.ptr);
-                    match (n, self.uses_q8(w1.ty).then(|| self.s.fa.get(w1.ty)).flatten()) {
+                    match (n, self.fused(&self.s.fa, w1.ty)) {
                         (1, Some(qa)) if w1.ty == w3.ty && w1.rows == w3.rows => self.mvq_pair(w1.r(), w3.r(), qa, 1, sg, su, ff, 1, 0)?,
                         _ => {
                             self.mv_fused(w1.r(), a, d, sg, ff, n, &self.s.fa)?;
@@ -594,7 +600,7 @@ impl GpuModel {
             // decode: one matvec per (token, expert) slot, expert id read on the device
             // 8-bit mode: gate / up take HcPre's fused copy of `a`, down the
             // copy swiglu writes
-            let fa = |ty: GgmlType| self.uses_q8(ty).then(|| self.s.fa.get(ty)).flatten();
+            let fa = |ty: GgmlType| self.fused(&self.s.fa, ty);
             let (gt, ut) = (b.gate_exps.r(), b.up_exps.r());
             match (fa(gt.ty), fa(ut.ty)) {
                 // gate and up of all slots in one launch
@@ -614,7 +620,7 @@ impl GpuModel {
             let (q0, d0, qk, dk) = self.s.fh.args(self.q8, dty == GgmlType::Q8_0, Self::is_k(dty));
             launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
                 g, up, ew, ff as i32, slots as i32, limit, hbuf, 0u64, q0, d0, qk, dk)?;
-            match self.uses_q8(dty).then(|| self.s.fh.get(dty)).flatten() {
+            match self.fused(&self.s.fh, dty) {
                 Some(qa) => self.mvq_experts(b.down_exps.r(), qa, 1, yk, d, slots, eids)?,
                 None => self.mv_experts(b.down_exps.r(), hbuf, ff, 1, yk, d, slots, eids)?,
             }
@@ -635,7 +641,7 @@ impl GpuModel {
             let (q0, d0, qk, dk) = self.s.fh.args(self.q8, dty == GgmlType::Q8_0, Self::is_k(dty));
             launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
                 g, up, ew, ff as i32, slots as i32, limit, hbuf, order, q0, d0, qk, dk)?;
-            let pre = self.uses_q8(dty).then(|| self.s.fh.get(dty)).flatten();
+            let pre = self.fused(&self.s.fh, dty);
             self.mv_grouped(b.down_exps.r(), hbuf, ff, yk, d, tiles, max_tiles, slots, pre)?;
             pos = pos_b;
         }
