@@ -70,6 +70,9 @@ pub struct Gpu {
     /// launch kernels with programmatic dependent launch (sm_90+; env
     /// DSV4_PDL=0 turns it off)
     pub pdl: bool,
+    /// kernels skipped at launch (env DSV4_ABLATE=name,name: a timing
+    /// experiment only, the results are wrong; see docs/perf.md)
+    ablate: Vec<String>,
     /// per kernel: dynamic shared memory a launch may use without raising the
     /// function's limit
     shmem_limit: std::cell::RefCell<HashMap<String, u32>>,
@@ -117,8 +120,9 @@ impl Gpu {
             .map(|_| cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(drv("cuEventCreate")))
             .collect::<Result<Vec<_>>>()?;
         let cubin = compile((major, minor))?;
+        let ablate = std::env::var("DSV4_ABLATE").map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect()).unwrap_or_default();
         let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(drv("cuModuleLoadData"))?;
-        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, side, cur: 0.into(), events, next_event: 0.into(), module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default(), pdl: major >= 9 && std::env::var("DSV4_PDL").map(|v| v != "0").unwrap_or(true), shmem_limit: Default::default() })
+        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, side, cur: 0.into(), events, next_event: 0.into(), module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default(), pdl: major >= 9 && std::env::var("DSV4_PDL").map(|v| v != "0").unwrap_or(true), ablate, shmem_limit: Default::default() })
     }
 
     /// Index of the stream work is queued on now: 0 = main, i = side stream i.
@@ -264,6 +268,9 @@ impl Gpu {
 
     /// Launch `name` with `params` (pointers to each argument value, in order).
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shmem: u32, params: &mut [*mut c_void]) -> Result<()> {
+        if !self.ablate.is_empty() && self.ablate.iter().any(|a| a == name) {
+            return Ok(());
+        }
         let f = self.func(name)?;
         // The 48 KB default limit covers static + dynamic shared memory: raise
         // the function's dynamic limit whenever a launch asks for more than it
@@ -503,7 +510,9 @@ fn cache_dir() -> Option<PathBuf> {
 }
 
 /// Compile (or load from the disk cache) the kernels for compute capability `cc`.
-fn compile(cc: (i32, i32)) -> Result<Vec<u8>> {
+/// Needs only NVRTC, no driver or GPU: `examples/kernel_compile` uses it to
+/// check the kernels on a host without CUDA (tools/cuda-compile-check.sh).
+pub fn compile(cc: (i32, i32)) -> Result<Vec<u8>> {
     let src = full_source();
     let arch = format!("--gpu-architecture=sm_{}{}", cc.0, cc.1);
     let opts = vec![arch.clone(), "--std=c++17".to_string(), "-default-device".to_string(), "-lineinfo".to_string()];

@@ -642,9 +642,10 @@ fn index_scores_swiglu_reduce_head_embed_match_cpu() {
     }
     // the row-per-thread kernels (32 / 64 / 128 dims; more rows than one block)
     for id in [32usize, 64, 128] {
-        let (ih, ld) = (5usize, 300usize);
-        // token 0: few rows (4 threads per row), token 1: more rows than threads
-        let vis: Vec<i32> = vec![20, 299];
+        let (ih, ld, n) = (5usize, 300usize, 3usize);
+        // token 0: very few rows (a warp per row, more threads than heads),
+        // token 1: few rows (4 threads per row), token 2: more rows than threads
+        let vis: Vec<i32> = vec![3, 20, 299];
         let q: Vec<f32> = (0..n * ih * id).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
         let w: Vec<f32> = (0..n * ih).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
         let kfmt = RowFormat::Fp4 { dim: id };
@@ -653,7 +654,7 @@ fn index_scores_swiglu_reduce_head_embed_match_cpu() {
         let scores = up(&vec![f32::NAN; n * ld]);
         let dv = g.upload(&vis).unwrap();
         launch!(g, &format!("index_scores_rt{id}"), (2, n as u32, 1), (128, 1, 1), ((ih * id + ih) * 4) as u32;
-            up(&q).ptr, up(&w).ptr, kdev.ptr, dev_stride(kfmt) as i32, dv.ptr, ih as i32, 0.5f32, scores.ptr, ld as i32, 8i32).unwrap();
+            up(&q).ptr, up(&w).ptr, kdev.ptr, dev_stride(kfmt) as i32, dv.ptr, ih as i32, 0.5f32, scores.ptr, ld as i32, 2i32).unwrap();
         let got = g.read_f32(scores.ptr, n * ld).unwrap();
         for t in 0..n {
             for i in 0..vis[t] as usize {
@@ -891,6 +892,15 @@ fn q8_quant_and_matvec_match_cpu() {
             de.ptr, (rows * rb) as u64, k as i32, dw2.ptr, y2.ptr, (n_tok * k) as i32).unwrap();
         assert!(rel_err(&g.read_f32(y1.ptr, want.len()).unwrap(), &want) < 1e-5, "{ty:?} pair, first");
         assert!(rel_err(&g.read_f32(y2.ptr, want.len()).unwrap(), &want2) < 1e-5, "{ty:?} pair, second");
+        if ty == GgmlType::IQ2_XXS {
+            // the decode pair kernel: one warp per row of both stacks
+            let (y1, y2) = (g.upload(&vec![f32::NAN; want.len()]).unwrap(), g.upload(&vec![f32::NAN; want.len()]).unwrap());
+            launch!(g, "mqp2_iq2_xxs", (rows.div_ceil(8) as u32, (n_tok * k) as u32, 1), (256, 1, 1), 0;
+                dw.ptr, rb as u64, rows as i32, cols as i32, dq.ptr, cols as i32, dd.ptr, (cols / blk) as i32, y1.ptr, rows as i32,
+                de.ptr, (rows * rb) as u64, k as i32, dw2.ptr, y2.ptr).unwrap();
+            assert!(rel_err(&g.read_f32(y1.ptr, want.len()).unwrap(), &want) < 1e-5, "IQ2_XXS pair2, first");
+            assert!(rel_err(&g.read_f32(y2.ptr, want.len()).unwrap(), &want2) < 1e-5, "IQ2_XXS pair2, second");
+        }
         // grouped tiles over expert-sorted slots (prefill MoE)
         let slots = n_tok * k;
         let max_tiles = slots.div_ceil(8) + n_exp;

@@ -406,13 +406,15 @@ __device__ __forceinline__ void index_scores_rt_body(const float* q, const float
     }
     for (int h = threadIdx.x; h < ih; h += blockDim.x) ws[h] = wts[(u64)t * ih + h] * wscale;
     __syncthreads();
-    // threads per row: 1 when the rows fill the grid (long contexts); up to 4
-    // when they do not (a 4K context has 1K rows: one thread per row would
-    // leave the grid idle and each thread 8K dependent FMAs). The tpr threads
-    // of a row take heads hg, hg + tpr, ... and add their sums by shuffles.
+    // threads per row: 1 when the rows fill the grid (long contexts); up to a
+    // warp when they do not (a 4K context has 1K rows: one thread per row
+    // would leave the grid idle and each thread 8K dependent FMAs; with 4 the
+    // kernel still took ~28 us, its time one thread's chain of 16 heads). The
+    // tpr threads of a row take heads hg, hg + tpr, ... (each decodes the
+    // row: same-address loads, one transaction) and add their sums by shuffles.
     int total = gridDim.x * blockDim.x;
     int tpr = 1;
-    while (tpr < 4 && v * tpr * 2 <= total) tpr *= 2;
+    while (tpr < 32 && v * tpr * 2 <= total) tpr *= 2;
     int gt = blockIdx.x * blockDim.x + threadIdx.x;
     int hg = gt % tpr;
     int step = total / tpr;

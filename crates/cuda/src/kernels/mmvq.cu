@@ -135,6 +135,19 @@ __device__ __forceinline__ u32 sign_sel(u32 i7) {
     return x << 2;
 }
 
+// One lane's 32 IQ2_XXS values of a group (grid halves a0, signs and scale
+// a1) as 8 words of signed bytes.
+// pos / neg: IQ2_POS / IQ2_NEG held in registers by the caller (as constants
+// the compiler re-materialised one of them before every PRMT).
+__device__ __forceinline__ void iq2_group_vals(u32 a0, u32 a1, const u32* gsel, int (&v)[8], u32 pos = IQ2_POS, u32 neg = IQ2_NEG) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        u32 sel = gsel[(a0 >> (8 * k)) & 255] | sign_sel((a1 >> (7 * k)) & 127);
+        v[2 * k] = (int)prmt_raw(pos, neg, sel);
+        v[2 * k + 1] = (int)prmt_raw(pos, neg, sel >> 16);
+    }
+}
+
 // Each lane first issues the weight loads of U iterations (all independent),
 // then does their arithmetic: a warp has U chunks of its row in flight
 // instead of one, which is what keeps enough bytes moving per SM (a row of a
@@ -336,15 +349,10 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
             for (int u = 0; u < MQ_U; u++) {
                 if (bb[u] < 0) continue;
                 int b = bb[u];
-                u32 a0 = A0[u], a1 = A1[u];
+                u32 a1 = A1[u];
                 // the group's 32 signed values as 8 words of 4 bytes
                 int v[8];
-#pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    u32 sel = gsel[(a0 >> (8 * k)) & 255] | sign_sel((a1 >> (7 * k)) & 127);
-                    v[2 * k] = (int)prmt_raw(IQ2_POS, IQ2_NEG, sel);
-                    v[2 * k + 1] = (int)prmt_raw(IQ2_POS, IQ2_NEG, sel >> 16);
-                }
+                iq2_group_vals(A0[u], a1, gsel, v);
                 float fs = D[u] * 0.125f * (float)(2 * (int)(a1 >> 28) + 1);
 #pragma unroll
                 for (int t = 0; t < NT; t++)
@@ -355,6 +363,63 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
                         s = __dp4a(v[4], xb.x, __dp4a(v[5], xb.y, __dp4a(v[6], xb.z, __dp4a(v[7], xb.w, s))));
                         acc[t] += (float)s * (fs * xd[(u64)t * xds + b]);
                     }
+            }
+        }
+    }
+}
+
+// Decode pair (gate and up of one expert slot): one warp takes row r of both
+// matrices, so the block's table staging, the slot set-up, the x loads and
+// the warp's fixed costs are shared by two rows (a 4096-wide row is only 4
+// groups per lane: those costs were a quarter of the paired kernel's
+// instructions), and both rows' weight loads are in flight together. Lane
+// mapping and the order of the additions per row are those of row_dotq.
+__device__ __forceinline__ void iq2_pair_dot(const u8* w1, const u8* w2, int cols, const i8* xq, const float* xd, int lane,
+                                             const u32* gsel, float& acc1, float& acc2) {
+    int nb = cols / 256;
+    int nch = (nb + 3) / 4;
+    int g = lane & 7;
+    // a per-thread copy (its value is IQ2_POS: laneid < 32), so it lives in a
+    // vector register; as a warp-uniform constant it was copied from a uniform
+    // register before every PRMT
+    u32 z;
+    asm volatile("mov.u32 %0, %%laneid;" : "=r"(z));
+    u32 pos = IQ2_POS + (z >> 5), neg = IQ2_NEG;
+    for (int c = 0; c < nch; c += MQ_U) {
+        u32 A0[2][MQ_U], A1[2][MQ_U];
+        float D[2][MQ_U];
+        int bb[MQ_U];
+#pragma unroll
+        for (int u = 0; u < MQ_U; u++) {
+            int b = (c + u) * 4 + (lane >> 3);
+            bb[u] = (c + u < nch && b < nb) ? b : -1;
+            if (bb[u] >= 0) {
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const u8* blk = (r ? w2 : w1) + b * 66;
+                    D[r][u] = h2f(ld16(blk));
+                    const u16* qp = (const u16*)(blk + 2 + 8 * g);
+                    A0[r][u] = (u32)qp[0] | ((u32)qp[1] << 16);
+                    A1[r][u] = (u32)qp[2] | ((u32)qp[3] << 16);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < MQ_U; u++) {
+            if (bb[u] < 0) continue;
+            int b = bb[u];
+            const int4* xp = (const int4*)(xq + b * 256 + 32 * g);
+            int4 xa = xp[0], xb = xp[1];
+            float xs = xd[b];
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                int v[8];
+                iq2_group_vals(A0[r][u], A1[r][u], gsel, v, pos, neg);
+                float fs = D[r][u] * 0.125f * (float)(2 * (int)(A1[r][u] >> 28) + 1);
+                int s = __dp4a(v[0], xa.x, __dp4a(v[1], xa.y, __dp4a(v[2], xa.z, __dp4a(v[3], xa.w, 0))));
+                s = __dp4a(v[4], xb.x, __dp4a(v[5], xb.y, __dp4a(v[6], xb.z, __dp4a(v[7], xb.w, s))));
+                if (r) acc2 += (float)s * (fs * xs);
+                else acc1 += (float)s * (fs * xs);
             }
         }
     }
@@ -483,3 +548,26 @@ MQ_TYPE(q8_0s, T_Q8_0S)
 MQ_TYPE(q2_k, T_Q2_K)
 MQ_TYPE(q4_k, T_Q4_K)
 MQ_TYPE(iq2_xxs, T_IQ2_XXS)
+
+// Paired IQ2_XXS decode product (see iq2_pair_dot): grid (ceil(rows / 8),
+// slots), 256 threads; y1[s] = W1[eids[s]] xq[s / x_group], y2[s] likewise.
+extern "C" __global__ void mqp2_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2) {
+    __shared__ u32 gsel[256];
+    stage_iq2<T_IQ2_XXS>(gsel);
+    int lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    int s = blockIdx.y;
+    u64 eo = eids ? (u64)eids[s] * expert_bytes : 0;
+    const u8* w1 = W + eo + (u64)row * row_bytes;
+    const u8* w2 = W2 + eo + (u64)row * row_bytes;
+    int xr = eids ? s / x_group : 0;
+    float acc1 = 0.f, acc2 = 0.f;
+    iq2_pair_dot(w1, w2, cols, xq + (u64)xr * xqs, xd + (u64)xr * xds, lane, gsel, acc1, acc2);
+    acc1 = warp_sum(acc1);
+    acc2 = warp_sum(acc2);
+    if (lane == 0) {
+        y[(u64)s * ys + row] = acc1;
+        y2[(u64)s * ys + row] = acc2;
+    }
+}

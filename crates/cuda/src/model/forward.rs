@@ -156,6 +156,12 @@ impl GpuModel {
             return Err(CudaError::Unsupported("paired products need equal shapes".into()));
         }
         let rpb = Self::mq_grid(&w1).1;
+        if w1.ty == GgmlType::IQ2_XXS && std::env::var("DSV4_IQ2_PAIR").map(|v| v != "0").unwrap_or(true) {
+            // one warp per row of both matrices (mmvq.cu iq2_pair_dot)
+            return launch!(self.gpu, "mqp2_iq2_xxs", (w1.rows.div_ceil(8) as u32, slots as u32, 1), (256, 1, 1), 0;
+                w1.ptr, w1.row_bytes as u64, w1.rows as i32, w1.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32,
+                y1, ys as i32, eids, w1.expert_bytes(), x_group as i32, w2.ptr, y2);
+        }
         launch!(self.gpu, &format!("mqp_{suffix}"), (w1.rows.div_ceil(rpb as usize) as u32, (2 * slots) as u32, 1), (32 * rpb, 1, 1), 0;
             w1.ptr, w1.row_bytes as u64, w1.rows as i32, w1.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32,
             y1, ys as i32, eids, w1.expert_bytes(), x_group as i32, w2.ptr, y2, slots as i32)
@@ -473,38 +479,46 @@ impl GpuModel {
             launch!(self.gpu, "rmsnorm_rows", (n as u32, 1, 1), (512, 1, 1), 0;
                 qr, b.q_norm.ptr, c.q_lora_rank as i32, c.rms_eps, q0, d0, qk, dk)?;
         }
+        // The indexer (its q from qr, its head weights from a, scores over
+        // the compressed indexer rows, top-k) runs beside q_b: on side stream
+        // 3, after the indexer compressor queued there (whose rows it reads).
+        let mut use_sel = false;
+        let mut j_ix = None;
+        if let (Some(ix), Some(irows)) = (&b.idx, &st.idx_rows) {
+            use_sel = true;
+            let (_, j) = self.gpu.on_side(3, || -> Result<()> {
+                let (ih, id) = (c.index_heads, c.index_head_dim);
+                let (iq, iw, vis, scores, sel, cnt) = (self.s.iq.ptr, self.s.iw.ptr, self.s.vis.ptr, self.s.scores.ptr, self.s.sel.ptr, self.s.cnt.ptr);
+                self.mv_fused(ix.q_b.r(), qr, c.q_lora_rank, iq, ih * id, n, &self.s.fqr)?;
+                launch!(self.gpu, "row_finish", ((n * ih) as u32, 1, 1), (128, 1, 1), 0;
+                    iq, id as i32, ih as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 2i32, 0i32)?;
+                self.mv(ix.proj.r(), a, c.dim, iw, ih, n)?;
+                let wscale = (id as f32).powf(-0.5) * (ih as f32).powf(-0.5);
+                let ld = self.ctx / ratio + 1;
+                // fixed grid (grid-stride inside) so the launch is position independent
+                let blocks_x = (ld.div_ceil(8) as u32).min(264);
+                let istride = state::dev_stride(self.idx_fmt());
+                if matches!(id, 32 | 64 | 128) && (ih * id + ih) * F <= 48 * 1024 {
+                    // 1-32 threads per key row (see attn.cu); at least 264 blocks so
+                    // short contexts still spread over the GPU
+                    let bx = (ld.div_ceil(128) as u32).clamp(264, 1024);
+                    launch!(self.gpu, &format!("index_scores_rt{id}"), (bx, n as u32, 1), (128, 1, 1), ((ih * id + ih) * F) as u32;
+                        iq, iw, irows.ptr, istride as i32, vis, ih as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
+                } else {
+                    launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), ((ih * (id + 1) + 8 * id) * F) as u32;
+                        iq, iw, irows.ptr, istride as i32, vis, ih as i32, id as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
+                }
+                launch!(self.gpu, "topk_select", (n as u32, 1, 1), (1024, 1, 1), 0;
+                    scores, ld as i32, vis, c.index_topk as i32, sel, cnt)
+            })?;
+            j_ix = Some(j);
+        }
         self.mv_fused(b.q_b.r(), qr, c.q_lora_rank, q, h * hd, n, &self.s.fqr)?;
         launch!(self.gpu, "row_finish", ((n * h) as u32, 1, 1), (128, 1, 1), 0;
             q, hd as i32, h as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 0i32, 0i32)?;
-        let mut use_sel = false;
-        if let (Some(ix), Some(irows)) = (&b.idx, &st.idx_rows) {
-            let (ih, id) = (c.index_heads, c.index_head_dim);
-            let (iq, iw, vis, scores, sel, cnt) = (self.s.iq.ptr, self.s.iw.ptr, self.s.vis.ptr, self.s.scores.ptr, self.s.sel.ptr, self.s.cnt.ptr);
-            self.mv_fused(ix.q_b.r(), qr, c.q_lora_rank, iq, ih * id, n, &self.s.fqr)?;
-            launch!(self.gpu, "row_finish", ((n * ih) as u32, 1, 1), (128, 1, 1), 0;
-                iq, id as i32, ih as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 2i32, 0i32)?;
-            self.mv(ix.proj.r(), a, c.dim, iw, ih, n)?;
-            let wscale = (id as f32).powf(-0.5) * (ih as f32).powf(-0.5);
-            let ld = self.ctx / ratio + 1;
-            self.gpu.join(j_icomp)?;
-            // fixed grid (grid-stride inside) so the launch is position independent
-            let blocks_x = (ld.div_ceil(8) as u32).min(264);
-            let istride = state::dev_stride(self.idx_fmt());
-            if matches!(id, 32 | 64 | 128) && (ih * id + ih) * F <= 48 * 1024 {
-                // 1-4 threads per key row (see attn.cu); at least 264 blocks so
-                // short contexts still spread over the GPU
-                let bx = (ld.div_ceil(128) as u32).clamp(264, 1024);
-                launch!(self.gpu, &format!("index_scores_rt{id}"), (bx, n as u32, 1), (128, 1, 1), ((ih * id + ih) * F) as u32;
-                    iq, iw, irows.ptr, istride as i32, vis, ih as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
-            } else {
-                launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), ((ih * (id + 1) + 8 * id) * F) as u32;
-                    iq, iw, irows.ptr, istride as i32, vis, ih as i32, id as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
-            }
-            launch!(self.gpu, "topk_select", (n as u32, 1, 1), (1024, 1, 1), 0;
-                scores, ld as i32, vis, c.index_topk as i32, sel, cnt)?;
-            use_sel = true;
-        } else {
-            self.gpu.join(j_icomp)?;
+        self.gpu.join(j_icomp)?;
+        if let Some(j) = j_ix {
+            self.gpu.join(j)?;
         }
         self.gpu.join(j_kv)?;
         self.gpu.join(j_comp)?;
@@ -564,9 +578,8 @@ impl GpuModel {
     /// slots were sorted by expert).
     fn moe(&self, b: &GBlock, n: usize) -> Result<(u64, u64, u64)> {
         let c = self.cfg.clone();
-        let (d, k, ne, ff) = (c.dim, c.n_experts_used, c.n_experts, c.expert_ff);
-        let s = &self.s;
-        let (a, rlog, eids, ew, g, up, hbuf, yk, y) = (s.a.ptr, s.rlog.ptr, s.eids.ptr, s.ew.ptr, s.g.ptr, s.up.ptr, s.h.ptr, s.yk.ptr, s.y.ptr);
+        let (d, ff) = (c.dim, c.expert_ff);
+        let (a, yk) = (self.s.a.ptr, self.s.yk.ptr);
         let limit = c.swiglu_limits[b.layer];
         // the shared expert runs beside the routed ones (parallel graph branch)
         let j_shared = match &b.shared {
@@ -589,13 +602,30 @@ impl GpuModel {
             }
             None => None,
         };
+        let mut pos = 0u64;
+        self.routed(b, n, &mut pos)?;
+        let mut ysh = 0u64;
+        if let Some(j) = j_shared {
+            self.gpu.join(j)?;
+            ysh = self.s.ysh.ptr;
+        }
+        Ok((yk, ysh, pos))
+    }
+
+    /// Router and routed experts of `moe` (yk; `pos` set when the slots were
+    /// sorted by expert).
+    fn routed(&self, b: &GBlock, n: usize, pos: &mut u64) -> Result<()> {
+        let c = self.cfg.clone();
+        let (d, k, ne, ff) = (c.dim, c.n_experts_used, c.n_experts, c.expert_ff);
+        let s = &self.s;
+        let (a, rlog, eids, ew, g, up, hbuf, yk) = (s.a.ptr, s.rlog.ptr, s.eids.ptr, s.ew.ptr, s.g.ptr, s.up.ptr, s.h.ptr, s.yk.ptr);
+        let limit = c.swiglu_limits[b.layer];
         self.mv(b.gate.r(), a, d, rlog, ne, n)?;
         let bias = b.bias.as_ref().map(|x| x.ptr).unwrap_or(0);
         let tid = b.tid2eid.as_ref().map(|x| x.ptr).unwrap_or(0);
         launch!(self.gpu, "router", (n as u32, 1, 1), (256, 1, 1), 0;
             rlog, ne as i32, k as i32, bias, tid, self.s.tok.ptr, c.weights_norm as i32, c.route_scale, eids, ew)?;
         let slots = n * k;
-        let mut pos = 0u64;
         if n == 1 {
             // decode: one matvec per (token, expert) slot, expert id read on the device
             // 8-bit mode: gate / up take HcPre's fused copy of `a`, down the
@@ -643,14 +673,8 @@ impl GpuModel {
                 g, up, ew, ff as i32, slots as i32, limit, hbuf, order, q0, d0, qk, dk)?;
             let pre = self.fused(&self.s.fh, dty);
             self.mv_grouped(b.down_exps.r(), hbuf, ff, yk, d, tiles, max_tiles, slots, pre)?;
-            pos = pos_b;
+            *pos = pos_b;
         }
-        let mut ysh = 0u64;
-        if let Some(j) = j_shared {
-            self.gpu.join(j)?;
-            ysh = self.s.ysh.ptr;
-        }
-        let _ = y;
-        Ok((yk, ysh, pos))
+        Ok(())
     }
 }
