@@ -148,6 +148,16 @@ __device__ __forceinline__ void iq2_group_vals(u32 a0, u32 a1, const u32* gsel, 
     }
 }
 
+// A lane's IQ2_XXS group g of block b (66 bytes: f16 scale, then 8 bytes
+// per group): the scale, the 4 grid indices (a0) and signs + scale (a1).
+__device__ __forceinline__ void iq2_load(const u8* wr, int b, int g, float& d, u32& a0, u32& a1) {
+    const u8* blk = wr + b * 66;
+    d = h2f(ld16(blk));
+    const u16* qp = (const u16*)(blk + 2 + 8 * g);
+    a0 = (u32)qp[0] | ((u32)qp[1] << 16);
+    a1 = (u32)qp[2] | ((u32)qp[3] << 16);
+}
+
 // Each lane first issues the weight loads of U iterations (all independent),
 // then does their arithmetic: a warp has U chunks of its row in flight
 // instead of one, which is what keeps enough bytes moving per SM (a row of a
@@ -337,13 +347,7 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
             for (int u = 0; u < MQ_U; u++) {
                 int b = (c + u * cs) * 4 + (lane >> 3);
                 bb[u] = (c + u * cs < nch && b < nb) ? b : -1;
-                if (bb[u] >= 0) {
-                    const u8* blk = wr + b * 66;
-                    D[u] = h2f(ld16(blk));
-                    const u16* qp = (const u16*)(blk + 2 + 8 * g);
-                    A0[u] = (u32)qp[0] | ((u32)qp[1] << 16);
-                    A1[u] = (u32)qp[2] | ((u32)qp[3] << 16);
-                }
+                if (bb[u] >= 0) iq2_load(wr, b, g, D[u], A0[u], A1[u]);
             }
 #pragma unroll
             for (int u = 0; u < MQ_U; u++) {
@@ -395,13 +399,7 @@ __device__ __forceinline__ void iq2_pair_dot(const u8* w1, const u8* w2, int col
             bb[u] = (c + u < nch && b < nb) ? b : -1;
             if (bb[u] >= 0) {
 #pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    const u8* blk = (r ? w2 : w1) + b * 66;
-                    D[r][u] = h2f(ld16(blk));
-                    const u16* qp = (const u16*)(blk + 2 + 8 * g);
-                    A0[r][u] = (u32)qp[0] | ((u32)qp[1] << 16);
-                    A1[r][u] = (u32)qp[2] | ((u32)qp[3] << 16);
-                }
+                for (int r = 0; r < 2; r++) iq2_load(r ? w2 : w1, b, g, D[r][u], A0[r][u], A1[r][u]);
             }
         }
 #pragma unroll
