@@ -156,7 +156,10 @@ impl GpuModel {
             return Err(CudaError::Unsupported("paired products need equal shapes".into()));
         }
         let rpb = Self::mq_grid(&w1).1;
-        if w1.ty == GgmlType::IQ2_XXS && std::env::var("DSV4_IQ2_PAIR").map(|v| v != "0").unwrap_or(true) {
+        // (DSV4_IQ2_PAIR=0: the older kernel, for A/B runs; read once)
+        static PAIR2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let pair2 = *PAIR2.get_or_init(|| std::env::var("DSV4_IQ2_PAIR").map(|v| v != "0").unwrap_or(true));
+        if w1.ty == GgmlType::IQ2_XXS && pair2 {
             // one warp per row of both matrices (mmvq.cu iq2_pair_dot)
             return launch!(self.gpu, "mqp2_iq2_xxs", (w1.rows.div_ceil(8) as u32, slots as u32, 1), (256, 1, 1), 0;
                 w1.ptr, w1.row_bytes as u64, w1.rows as i32, w1.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32,
