@@ -178,6 +178,18 @@ fn measure(m: &mut GpuModel, opts: &BenchOpts, cfg: &Config, full: &Config, bw: 
             m.eval(&mut st, &tok, Want::default())?;
         }
         let dt = t.elapsed().as_secs_f64() / opts.decode_steps as f64;
+        if std::env::var("DSV4_TRACE").is_ok_and(|v| v == "1") {
+            // timeline of one more step (device.rs / common.cuh: tracing):
+            // trace{tag},ctx,kernel,start,wait returned,end in µs from the first start
+            m.gpu.trace_reset()?;
+            m.eval(&mut st, &[4321], Want::default())?;
+            let tr = m.gpu.trace_read()?;
+            let t0 = tr.iter().map(|r| r.1).min().unwrap_or(0);
+            let us = |t: u64| t.saturating_sub(t0) as f64 / 1e3;
+            for (name, a, w, e) in &tr {
+                print(&format!("trace{tag},{ctx},{name},{:.3},{:.3},{:.3}", us(*a), us(*w), us(*e)));
+            }
+        }
         let bytes = wbytes + kv_decode_bytes(cfg, ctx, opts.kv_rope);
         let gbps = bytes as f64 / dt / 1e9;
         let t_layer = (dt - t_head).max(0.0) / cfg.n_layers as f64;

@@ -54,6 +54,8 @@ pub struct Gpu {
     pub name: String,
     pub cc: (i32, i32),
     pub total_mem: usize,
+    /// streaming multiprocessors
+    pub sms: u32,
     ctx: sys::CUcontext,
     /// main stream (index 0) and side streams for independent branches
     pub stream: sys::CUstream,
@@ -76,6 +78,8 @@ pub struct Gpu {
     /// per kernel: dynamic shared memory a launch may use without raising the
     /// function's limit
     shmem_limit: std::cell::RefCell<HashMap<String, u32>>,
+    /// `resident_blocks` answers
+    resident: std::cell::RefCell<HashMap<String, u32>>,
 }
 
 // The context is made current on whichever thread uses the Gpu (see `bind`);
@@ -110,6 +114,7 @@ impl Gpu {
             .map_err(drv("attribute"))?;
         let minor = unsafe { cu::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) }
             .map_err(drv("attribute"))?;
+        let sms = unsafe { cu::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT) }.map_err(drv("attribute"))?.max(1) as u32;
         let ctx = unsafe { cu::primary_ctx::retain(dev) }.map_err(drv("cuDevicePrimaryCtxRetain"))?;
         unsafe { cu::ctx::set_current(ctx) }.map_err(drv("cuCtxSetCurrent"))?;
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(drv("cuStreamCreate"))?;
@@ -122,7 +127,7 @@ impl Gpu {
         let cubin = compile((major, minor))?;
         let ablate = std::env::var("DSV4_ABLATE").map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect()).unwrap_or_default();
         let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(drv("cuModuleLoadData"))?;
-        Ok(Gpu { name, cc: (major, minor), total_mem, ctx, stream, side, cur: 0.into(), events, next_event: 0.into(), module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default(), pdl: major >= 9 && std::env::var("DSV4_PDL").map(|v| v != "0").unwrap_or(true), ablate, shmem_limit: Default::default() })
+        Ok(Gpu { name, cc: (major, minor), total_mem, sms, ctx, stream, side, cur: 0.into(), events, next_event: 0.into(), module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default(), pdl: major >= 9 && std::env::var("DSV4_PDL").map(|v| v != "0").unwrap_or(true), ablate, shmem_limit: Default::default(), resident: Default::default() })
     }
 
     /// Index of the stream work is queued on now: 0 = main, i = side stream i.
@@ -264,6 +269,64 @@ impl Gpu {
 
     pub fn sync(&self) -> Result<()> {
         unsafe { cu::stream::synchronize(self.stream) }.map_err(drv("cuStreamSynchronize (a kernel failed)"))
+    }
+
+    /// Blocks of kernel `name` (`block` threads, `smem` dynamic shared bytes)
+    /// that fit on the whole GPU at once: the grid of a persistent kernel.
+    pub fn resident_blocks(&self, name: &str, block: u32, smem: u32) -> Result<u32> {
+        let key = format!("{name}/{block}/{smem}");
+        if let Some(&n) = self.resident.borrow().get(&key) {
+            return Ok(n);
+        }
+        let f = self.func(name)?;
+        if smem > 48 * 1024 {
+            unsafe { cu::function::set_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32) }
+                .map_err(drv("cuFuncSetAttribute"))?;
+        }
+        let per = unsafe { cu::occupancy::max_active_block_per_multiprocessor(f, block as i32, smem as usize) }.map_err(drv("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+        let n = self.sms * per.max(1) as u32;
+        self.resident.borrow_mut().insert(key, n);
+        Ok(n)
+    }
+
+    /// Timeline tracing (env DSV4_TRACE=1 at start-up compiles it in):
+    /// forget what was recorded so far.
+    pub fn trace_reset(&self) -> Result<()> {
+        let (n, _) = unsafe { cu::module::get_global(self.module, std::ffi::CString::new("dsv4_trace_n").unwrap()) }
+            .map_err(|_| CudaError::Unsupported("tracing is not compiled in (DSV4_TRACE=1)".into()))?;
+        self.sync()?;
+        unsafe { cu::memset_d8_async(n, 0, 4, self.stream) }.map_err(drv("cuMemsetD8"))?;
+        self.sync()
+    }
+
+    /// The launches recorded since `trace_reset`, in the order their waits
+    /// returned: (kernel name, start, wait returned, end) in ns of the GPU's
+    /// global timer. Names are those launched through this Gpu.
+    pub fn trace_read(&self) -> Result<Vec<(String, u64, u64, u64)>> {
+        let get = |name: &str| unsafe { cu::module::get_global(self.module, std::ffi::CString::new(name).unwrap()) }
+            .map_err(|_| CudaError::Unsupported("tracing is not compiled in (DSV4_TRACE=1)".into()));
+        let ((n, _), (buf, bytes)) = (get("dsv4_trace_n")?, get("dsv4_trace")?);
+        self.sync()?;
+        let count = self.read_i32(n, 1)?[0] as usize;
+        let count = count.min(bytes / 32);
+        let mut raw = vec![0u64; 4 * count];
+        if count > 0 {
+            unsafe { cu::memcpy_dtoh_async(&mut raw[..], buf, self.stream) }.map_err(drv("cuMemcpyDtoH"))?;
+        }
+        self.sync()?;
+        let names: HashMap<u32, String> = self.funcs.borrow().keys().map(|k| (fnv1a(k), k.clone())).collect();
+        Ok(raw
+            .chunks(4)
+            .map(|r| {
+                let h = r[0] as u32;
+                let name = match names.get(&h) {
+                    Some(n) => n.clone(),
+                    None if h >> 24 == 0xAB => format!("mark{}", h & 0xffffff),
+                    None => format!("?{h:08x}"),
+                };
+                (name, r[1], r[2], r[3])
+            })
+            .collect())
     }
 
     /// Launch `name` with `params` (pointers to each argument value, in order).
@@ -447,11 +510,17 @@ impl_params!(17; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M
 impl_params!(18; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17);
 impl_params!(19; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18);
 impl_params!(20; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19);
+impl_params!(21; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19, U 20);
+impl_params!(22; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19, U 20, V 21);
+impl_params!(23; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19, U 20, V 21, W 22);
 
 /// The full NVRTC source: common header, generated IQ2 tables, kernel families.
 pub fn full_source() -> String {
     use dsv4_gguf::quant::iq2_tables::{IQ2XXS_GRID, KSIGNS_IQ2XS};
     let mut s = String::new();
+    // build switches for A/B experiments (part of the source, so of the cache key)
+    let flag = |k: &str, default: u32| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(default);
+    s.push_str(&format!("#define DSV4_PF {}\n#define PDL_EARLY {}\n#define DSV4_TRACE {}\n#define DSV4_EARLY {}\n", flag("DSV4_PF", 0), flag("DSV4_PDL_EARLY", 0), flag("DSV4_TRACE", 0), flag("DSV4_EARLY", 1)));
     s.push_str(include_str!("kernels/common.cuh"));
     s.push_str("\n// global (not __constant__): blocks copy them to shared memory with\n// coalesced loads; constant memory would serialise the per-thread indices\n__device__ u64 IQ2XXS_GRID[256] = {");
     for (i, v) in IQ2XXS_GRID.iter().enumerate() {
@@ -484,6 +553,11 @@ pub fn full_source() -> String {
     s
 }
 
+/// FNV-1a of a kernel name, as the tracing kernels hash `__func__`.
+fn fnv1a(s: &str) -> u32 {
+    s.bytes().fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619))
+}
+
 /// Every kernel body starts with `pdl_prologue()` (common.cuh): wait for the
 /// previous kernel in the stream to finish (programmatic dependent launch, see
 /// `Gpu::launch`), then let the next one be scheduled. Inserted here, after
@@ -494,7 +568,11 @@ fn with_pdl_prologue(src: &str) -> String {
     while let Some(i) = rest.find("__global__") {
         let Some(j) = rest[i..].find('{') else { break };
         out.push_str(&rest[..i + j + 1]);
-        out.push_str(" pdl_prologue();");
+        // (PDL_MANUAL in the signature: the kernel calls it itself)
+        out.push_str(" TRACE_KERNEL();");
+        if !rest[i..i + j].contains("PDL_MANUAL") {
+            out.push_str(" pdl_prologue();");
+        }
         rest = &rest[i + j + 1..];
     }
     out.push_str(rest);
@@ -557,4 +635,33 @@ pub fn compile(cc: (i32, i32)) -> Result<Vec<u8>> {
         }
     }
     Ok(cubin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prologue_inserted_unless_manual() {
+        let src = "extern \"C\" __global__ void a(int x) { body(); }\nextern \"C\" __global__ void b(int x) PDL_MANUAL { pre(); pdl_prologue(); }\n";
+        let out = with_pdl_prologue(src);
+        assert!(out.contains("void a(int x) { TRACE_KERNEL(); pdl_prologue(); body(); }"), "{out}");
+        assert!(out.contains("PDL_MANUAL { TRACE_KERNEL(); pre(); pdl_prologue(); }"), "{out}");
+        assert_eq!(out.matches("pdl_prologue").count(), 2);
+    }
+
+    #[test]
+    fn manual_kernels_call_the_prologue() {
+        // every kernel body (or the body template it calls) with PDL_MANUAL
+        // must reach pdl_prologue(): its file has at least one call per
+        // such family, and no automatic one is added to it
+        let src = full_source();
+        let manual = src.matches("PDL_MANUAL {").count();
+        assert!(manual > 0);
+        for (name, file) in SOURCES {
+            if file.contains("PDL_MANUAL {") {
+                assert!(file.contains("pdl_prologue();"), "{name}: PDL_MANUAL kernels without a prologue call");
+            }
+        }
+    }
 }

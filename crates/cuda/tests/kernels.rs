@@ -268,8 +268,10 @@ fn topk_select_matches_cpu_with_ties() {
     let Some(g) = gpu() else { return };
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let ld = 5000usize;
-    let k = 37usize;
-    let vis: Vec<i32> = vec![5000, 30, 1, 2049, 777];
+    // 1024 threads: rows <= 1024 and <= 2048 take the small-count radix passes
+    // (keys in 1-2 registers), more the general ones (keys cached up to 32 x threads)
+    let vis: Vec<i32> = vec![5000, 30, 1, 2049, 777, 1024, 1025, 2048, 1500, 600];
+    for k in [37usize, 512, 1100] {
     let n = vis.len();
     // coarse values so ties are frequent
     let scores: Vec<f32> = (0..n * ld).map(|_| (rng.gen_range(-50i32..50) as f32) * 0.25).collect();
@@ -290,7 +292,9 @@ fn topk_select_matches_cpu_with_ties() {
         let mut have: Vec<usize> = got[t * k..t * k + c].iter().map(|&i| i as usize).collect();
         assert!(have.windows(2).all(|w| w[0] < w[1]), "ascending order");
         have.sort();
-        assert_eq!(have, want, "token {t}, {threads} threads");
+        assert_eq!(c, v.min(k), "token {t}, {threads} threads, k {k}");
+        assert_eq!(have, want, "token {t}, {threads} threads, k {k}");
+    }
     }
     }
 }
@@ -302,6 +306,8 @@ fn sink_attention_matches_ops() {
     let (h, d, rd, win) = (6usize, 128usize, 64usize, 8usize);
     let rope = ops::Rope::new(rd, 10000.0, None);
     let cases = [(1usize, 20usize, 9usize, true, 3usize, RopeStore::F32), (3, 5, 0, false, 1, RopeStore::F32), (2, 40, 11, false, 1, RopeStore::Bf16), (1, 100, 25, false, 4, RopeStore::F32), (1, 100, 25, false, 4, RopeStore::Bf16), (2, 30, 7, true, 1, RopeStore::Bf16),
+        // more than 16 splits (the combine's second batch), some of them empty
+        (1, 100, 25, false, 20, RopeStore::F32),
         // static + dynamic shared memory over 48 KB with the dynamic part under
         // it (the function's limit must still be raised)
         (1, 2300, 2200, false, 1, RopeStore::F32)];
@@ -653,7 +659,7 @@ fn index_scores_swiglu_reduce_head_embed_match_cpu() {
         let kdev = g.upload(&dev_packed(kfmt, &krows)).unwrap();
         let scores = up(&vec![f32::NAN; n * ld]);
         let dv = g.upload(&vis).unwrap();
-        launch!(g, &format!("index_scores_rt{id}"), (2, n as u32, 1), (128, 1, 1), ((ih * id + ih) * 4) as u32;
+        launch!(g, &format!("index_scores_rt{id}"), (2, n as u32, 1), (128, 1, 1), ((ih * (id + 4) + ih) * 4) as u32;
             up(&q).ptr, up(&w).ptr, kdev.ptr, dev_stride(kfmt) as i32, dv.ptr, ih as i32, 0.5f32, scores.ptr, ld as i32, 2i32).unwrap();
         let got = g.read_f32(scores.ptr, n * ld).unwrap();
         for t in 0..n {
@@ -923,6 +929,82 @@ fn q8_quant_and_matvec_match_cpu() {
             for r in 0..rows {
                 let (have, want) = (got[gpos[s] as usize * rows + r], want[s * rows + r]);
                 assert!((have - want).abs() <= 1e-4 * (1.0 + want.abs()), "{ty:?} grouped slot {s} row {r}: {have} vs {want}");
+            }
+        }
+    }
+}
+
+/// The persistent single-token Q8_0 kernels (`mq1p_q8_0`, `mq1p_q8_0s`): odd
+/// shapes, grids of 1, 3 and one block per 8 rows (so warps walk several rows
+/// and batches), plain / expert-indexed (constant and device ids) / paired;
+/// equal to the CPU's dot, and bit for bit to the per-row kernel.
+#[test]
+fn persistent_q8_0_matvec_matches_cpu() {
+    use dsv4_gguf::kernels::{dot_q8_with, quantize_acts};
+    let Some(g) = gpu() else { return };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(33);
+    let ty = GgmlType::Q8_0;
+    // (rows of whole 16-byte units: cols a multiple of 256; 1280 and 2560 end
+    // in a part batch, 4352 in a part chunk)
+    for &(rows, cols) in &[(1usize, 256usize), (7, 768), (33, 512), (19, 2560), (301, 4352), (45, 1280), (9, 8192)] {
+        let rb = ty.row_bytes(cols).unwrap();
+        let (n_exp, k, n_tok) = (3usize, 2usize, 2usize);
+        let w = random_rows(&mut rng, ty, rows * n_exp, cols);
+        let w2 = random_rows(&mut rng, ty, rows * n_exp, cols);
+        let x: Vec<f32> = (0..n_tok * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let acts: Vec<_> = (0..n_tok).map(|t| quantize_acts(ty, &x[t * cols..(t + 1) * cols])).collect();
+        let (dw, dw2, dx) = (g.upload(&w).unwrap(), g.upload(&w2).unwrap(), g.upload(&x).unwrap());
+        let dq = g.upload(&vec![0u8; n_tok * cols]).unwrap();
+        let dd = g.upload(&vec![0f32; n_tok * cols / 32]).unwrap();
+        launch!(g, "quant_q8", (cols.div_ceil(256) as u32, n_tok as u32, 1), (256, 1, 1), 0; dx.ptr, cols as i32, cols as i32, dq.ptr, dd.ptr, 0u64, 0u64).unwrap();
+        let dot = |m: &[u8], e: usize, r: usize, t: usize| dot_q8_with(ty, &m[(e * rows + r) * rb..(e * rows + r + 1) * rb], &acts[t], false);
+        // the per-row kernels' outputs for the plain case (bitwise references)
+        let per_row = |kname: &str| {
+            let yr = g.upload(&vec![f32::NAN; rows]).unwrap();
+            launch!(g, kname, (rows.div_ceil(8) as u32, 1, 1), (256, 1, 1), 0;
+                dw.ptr, rb as u64, rows as i32, cols as i32, dq.ptr, cols as i32, dd.ptr, (cols / 32) as i32, yr.ptr, rows as i32, 1i32, 0u64, 0u64, 1i32).unwrap();
+            g.read_f32(yr.ptr, rows).unwrap()
+        };
+        let (yref_wide, yref_short) = (per_row("mq_q8_0_1"), per_row("mq_q8_0s_1"));
+        let eids: Vec<i32> = (0..n_tok * k).map(|_| rng.gen_range(0..n_exp as i32)).collect();
+        let iota: Vec<i32> = (0..n_tok * k).map(|s| (s % n_exp) as i32).collect();
+        for (name, yref) in [("mq1p_q8_0", &yref_wide), ("mq1p_q8_0s", &yref_short)] {
+            for grid in [1u32, 3, rows.div_ceil(8) as u32] {
+                // (slots, x_group arg, ids, pair)
+                let cases: Vec<(usize, i32, Option<&Vec<i32>>, bool)> =
+                    vec![(1, 1, None, false), (1, 1, None, true), (n_tok * k, k as i32, Some(&eids), false), (n_tok * k, -(k as i32), Some(&iota), true)];
+                for (slots, xg, ids, pair) in cases {
+                    let de = ids.map(|v| g.upload(v).unwrap());
+                    let ep = de.as_ref().map(|b| b.ptr).unwrap_or(0);
+                    let (y1, y2) = (g.upload(&vec![f32::NAN; slots * rows]).unwrap(), g.upload(&vec![f32::NAN; slots * rows]).unwrap());
+                    // (as forward.rs: 8 warps x (a batch of 4 chunks + 16 spare bytes))
+                    let smem = 8 * (4 * if name.ends_with('s') { 8 } else { 16 } * 34 + 16);
+                    launch!(g, name, (grid, 1, 1), (256, 1, 1), smem;
+                        dw.ptr, rb as u64, rows as i32, cols as i32, dq.ptr, cols as i32, dd.ptr, (cols / 32) as i32, y1.ptr, rows as i32,
+                        slots as i32, ep, (rows * rb) as u64, xg, if pair { dw2.ptr } else { 0u64 }, if pair { y2.ptr } else { 0u64 }).unwrap();
+                    let got1 = g.read_f32(y1.ptr, slots * rows).unwrap();
+                    let got2 = g.read_f32(y2.ptr, slots * rows).unwrap();
+                    let (mut want1, mut want2) = (vec![0.0f32; slots * rows], vec![0.0f32; slots * rows]);
+                    for s in 0..slots {
+                        let (e, t) = match ids {
+                            Some(v) => (v[s] as usize, s / xg.unsigned_abs() as usize),
+                            None => (0, 0),
+                        };
+                        for r in 0..rows {
+                            want1[s * rows + r] = dot(&w, e, r, t);
+                            want2[s * rows + r] = dot(&w2, e, r, t);
+                            if ids.is_none() {
+                                assert_eq!(got1[s * rows + r].to_bits(), yref[r].to_bits(), "{name} grid {grid} rows {rows} cols {cols}: not bitwise the per-row kernel");
+                            }
+                        }
+                    }
+                    // (the CPU adds a long row's block terms in another order)
+                    let what = format!("{name} grid {grid} rows {rows} cols {cols} slots {slots} pair {pair}");
+                    assert!(rel_err(&got1, &want1) < 1e-5, "{what}");
+                    if pair {
+                        assert!(rel_err(&got2, &want2) < 1e-5, "{what}: second matrix");
+                    }
+                }
             }
         }
     }

@@ -382,11 +382,16 @@ extern "C" __global__ void index_scores(const float* q, const float* wts, const 
 template <int ID>
 __device__ __forceinline__ void index_scores_rt_body(const float* q, const float* wts, const u8* krows, int kstride, const int* vis, int ih,
                                                      float wscale, float* scores, int ld, int k) {
+    // q rows at a stride of ID + 4 floats: the lanes of a warp read different
+    // heads at once (tpr > 1), and at a stride of ID (a multiple of 32 banks)
+    // every lane's float4 hit the same banks: a 32-way conflict per load,
+    // ~15 us per ratio-4 layer at 4K
     extern __shared__ float qsr[];
+    const int QS = ID + 4;
     int t = blockIdx.y;
     int v = vis[t];
     if (v <= k) return;
-    float* ws = qsr + ih * ID;
+    float* ws = qsr + ih * QS;
     const float4* qt4 = (const float4*)(q + (u64)t * ih * ID);
     // q staged in batches of 8 float4 per thread, loads before stores (a
     // strided copy loop is one dependent L2 round trip per iteration)
@@ -401,7 +406,7 @@ __device__ __forceinline__ void index_scores_rt_body(const float* q, const float
 #pragma unroll
         for (int u = 0; u < 8; u++) {
             int i4 = b0 + u * blockDim.x + threadIdx.x;
-            if (i4 < n4) ((float4*)qsr)[i4] = tmp[u];
+            if (i4 < n4) ((float4*)qsr)[i4 + i4 / (ID / 4)] = tmp[u];
         }
     }
     for (int h = threadIdx.x; h < ih; h += blockDim.x) ws[h] = wts[(u64)t * ih + h] * wscale;
@@ -432,7 +437,7 @@ __device__ __forceinline__ void index_scores_rt_body(const float* q, const float
 #pragma unroll
             for (int j = 0; j < ID; j++) kr[j] = e2m1_value((cw[j / 8] >> (4 * (j % 8))) & 15u) * ue8m0_scale((ex >> (8 * (j / 32))) & 255u);
             for (int h = hg; h < ih; h += tpr) {
-                const float4* q4 = (const float4*)(qsr + h * ID);
+                const float4* q4 = (const float4*)(qsr + h * QS);
                 float s = 0.f;
 #pragma unroll
                 for (int j4 = 0; j4 < ID / 4; j4++) {
@@ -688,6 +693,86 @@ __device__ __forceinline__ void topk_body(const float* sc, int v, int k, int* ou
     }
 }
 
+// Top-k of v <= 1024 * E rows (one block of 1024 threads, E rows per thread,
+// keys in registers): the radix passes of topk_body with one shared 256-bin
+// histogram (warp-aggregated atomics) instead of per-warp histograms that
+// every pass zeroed and merged, and no key cache beyond E registers (the
+// general path spills). Same selection: the k largest keys, the lower row
+// first on ties; written in ascending row order. (A bitonic sort of the 2K
+// composites took ~20 us on the one SM, as long as the general path.)
+template <int E>
+__device__ __forceinline__ void topk_small(const float* sc, int v, int k, int* out, u32* hist, int* wsum, int* tot, u32* s_prefix, int* s_rem) {
+    int t = threadIdx.x, lane = t & 31;
+    u32 key[E];
+#pragma unroll
+    for (int u = 0; u < E; u++) {
+        int i = u * 1024 + t;
+        key[u] = (i < v) ? fkey(sc[i]) : 0u;
+    }
+    u32 prefix = 0, mask = 0;
+    int rem = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        if (t < 256) hist[t] = 0;
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < E; u++) {
+            bool in = u * 1024 + t < v && (key[u] & mask) == prefix;
+            u32 am = __ballot_sync(0xffffffffu, in);
+            if (in) {
+                u32 bin = (key[u] >> shift) & 255;
+                u32 peers = __match_any_sync(am, bin);
+                if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (u32)__popc(peers));
+            }
+        }
+        __syncthreads();
+        if (t < 32) {
+            // as topk_body: lane l holds bins 255 - 8l .. 248 - 8l, a scan over
+            // the lanes finds the one where the count from the top reaches rem
+            int hv[8], ls = 0;
+#pragma unroll
+            for (int u = 0; u < 8; u++) { hv[u] = (int)hist[255 - 8 * lane - u]; ls += hv[u]; }
+            int inc = ls;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                int y = __shfl_up_sync(0xffffffffu, inc, o);
+                if (lane >= o) inc += y;
+            }
+            int exc = inc - ls;
+            if (exc < rem && inc >= rem) {
+                int cum = exc;
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    if (cum + hv[u] >= rem) {
+                        *s_prefix = prefix | ((u32)(255 - 8 * lane - u) << shift);
+                        *s_rem = rem - cum;
+                        break;
+                    }
+                    cum += hv[u];
+                }
+            }
+        }
+        __syncthreads();
+        prefix = *s_prefix;
+        rem = *s_rem;
+        mask |= 255u << shift;
+    }
+    // keys > T all taken, and the first `rem` keys == T in row order
+    int base = 0, eq_seen = 0;
+#pragma unroll
+    for (int u = 0; u < E; u++) {
+        int i = u * 1024 + t;
+        bool eq = i < v && key[u] == prefix;
+        int eq_rank = block_rank(eq, wsum, tot);
+        int eq_tot = *tot;
+        bool take = i < v && (key[u] > prefix || (eq && eq_seen + eq_rank < rem));
+        int r = block_rank(take, wsum, tot);
+        if (take) out[base + r] = i;
+        base += *tot;
+        eq_seen += eq_tot;
+        __syncthreads();
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(1024) topk_select(const float* scores, int ld, const int* vis, int k, int* sel, int* cnt) {
     __shared__ u32 hist[256];
     __shared__ u32 whist[32][256];
@@ -704,16 +789,18 @@ extern "C" __global__ void __launch_bounds__(1024) topk_select(const float* scor
         if (threadIdx.x == 0) cnt[t] = v;
         return;
     }
-    if (v <= TK_KPT * (int)blockDim.x) topk_body<true>(sc, v, k, out, hist, whist, wsum, &tot, &s_prefix, &s_rem);
+    if (blockDim.x == 1024 && v <= 1024) topk_small<1>(sc, v, k, out, hist, wsum, &tot, &s_prefix, &s_rem);
+    else if (blockDim.x == 1024 && v <= 2048) topk_small<2>(sc, v, k, out, hist, wsum, &tot, &s_prefix, &s_rem);
+    else if (v <= TK_KPT * (int)blockDim.x) topk_body<true>(sc, v, k, out, hist, whist, wsum, &tot, &s_prefix, &s_rem);
     else topk_body<false>(sc, v, k, out, hist, whist, wsum, &tot, &s_prefix, &s_rem);
     if (threadIdx.x == 0) cnt[t] = k;
 }
 
 // Sparse sink attention (spec §9). Block (token t, head group g, key split z)
 // handles HB heads of the shared K=V key set, so each key row is read once per
-// head group: phase 1 scores (warp per key), phase 2 softmax per head (warp
-// per head), phase 3 P.V (warp per key, lane per 16 dims, cross-warp add in
-// shared). Keys: the window (positions max(0,p-win+1)..p from the chunk's fresh
+// head group: each warp takes every 8th key of the split (lane per 16 dims)
+// with an online softmax per head, then the warps' states are merged in warp
+// order in shared memory. Keys: the window (positions max(0,p-win+1)..p from the chunk's fresh
 // rows or the ring), then compressed rows (sel[t][0..cnt[t]) or 0..vis[t]-1),
 // packed (layout above; rfmt = byte stride * 2 + rope_bf16), decoded exactly.
 // With one split (gridDim.z == 1) the block writes the final output (inverse
@@ -734,20 +821,32 @@ __device__ __forceinline__ const float* attn_key(int j, int nwin, int lo, int p0
     return 0;
 }
 
-extern "C" __global__ void sink_attn(const float* q, const float* fresh, const float* ring, const u8* rows, int rfmt,
+extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, const float* fresh, const float* ring, const u8* rows, int rfmt,
                                      const int* sel, const int* cnt, const int* vis, int sel_ld, const float* sinks,
                                      int h_count, int d, int rd, const float* omega, const int* p0p, int win, float scale,
                                      float* out, float* part, int max_keys) {
-    // dynamic: z = HB * max_keys scores (max_keys = keys per split, bound),
-    // then red = (warps) * d floats for the cross-warp sum of P.V
+    // dynamic: HB * max_keys floats (the first max_keys hold this split's
+    // compressed-row indices), then red = (warps) * d floats for the
+    // cross-warp sum of P.V
     extern __shared__ float z[];
     __shared__ __align__(16) float qs[HB * ATT_D];
     __shared__ float oacc[HB * ATT_D];
     __shared__ float mx_s[HB], den_s[HB];
+    __shared__ float wm[8][HB], wl[8][HB];
     int t = blockIdx.x, g = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     int p0 = *p0p;
     int p = p0 + t;
     int h0 = g * HB;
+    int lo = p + 1 - win;
+    if (lo < 0) lo = 0;
+    int nwin = p - lo + 1;
+    int ncomp = 0;
+    if (rows) ncomp = sel ? cnt[t] : vis[t];
+    int nk = nwin + ncomp;
+    const int* selt = sel ? sel + (u64)t * sel_ld : 0;
+    int per = (nk + nsplit - 1) / nsplit;
+    int j0 = split * per, j1 = min(nk, j0 + per);
+    int* kri = (int*)z;
     {
         // q of the head group as float4s, every load issued before the stores
         // (d % 4 == 0; a strided loop of dependent load/store pairs was 15 % of
@@ -760,6 +859,12 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
             int h = (4 * i4) / d;
             qv[u] = (i4 < n4 && h0 + h < h_count) ? *(const float4*)(q + ((u64)t * h_count + h0) * d + 4 * i4) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
+        // the split's key list: -1 for a window key, else its compressed
+        // row (one coalesced load, not a dependent one per key)
+        for (int jj = threadIdx.x; jj < j1 - j0; jj += blockDim.x) {
+            int j = j0 + jj;
+            kri[jj] = (j < nwin) ? -1 : (selt ? selt[j - nwin] : j - nwin);
+        }
 #pragma unroll
         for (int u = 0; u < HB * ATT_D / 4 / 128 + 1; u++) {
             int i4 = threadIdx.x + u * blockDim.x;
@@ -768,90 +873,102 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
         for (int i = threadIdx.x; i < HB * d; i += blockDim.x) oacc[i] = 0.f;
     }
     __syncthreads();
-    int lo = p + 1 - win;
-    if (lo < 0) lo = 0;
-    int nwin = p - lo + 1;
-    int ncomp = 0;
-    if (rows) ncomp = sel ? cnt[t] : vis[t];
-    int nk = nwin + ncomp;
-    const int* selt = sel ? sel + (u64)t * sel_ld : 0;
-    int per = (nk + nsplit - 1) / nsplit;
-    int j0 = split * per, j1 = min(nk, j0 + per);
+    trace_mark(20);
     int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     int nd = d / 128;  // float4 chunks per lane (d is a multiple of 128)
     int rstride = rfmt >> 1, rope_bf16 = rfmt & 1, nope = d - rd, nblk = (nope + 63) / 64;
-    // phase 1: scores
-    for (int j = j0 + wp; j < j1; j += nw) {
-        const u8* kp;
-        const float* k = attn_key(j, nwin, lo, p0, win, fresh, ring, rows, rstride, selt, d, &kp);
-        float4 kv[ATT_D / 128];
-        if (k) {
-#pragma unroll
-            for (int i = 0; i < ATT_D / 128; i++)
-                if (i < nd) kv[i] = *(const float4*)(k + i * 128 + lane * 4);
-        } else {
-#pragma unroll
-            for (int i = 0; i < ATT_D / 128; i++)
-                if (i < nd) kv[i] = attn_row4(kp, i * 128 + lane * 4, nope, nblk, rope_bf16);
+    // dims i * 128 + 4 lane .. + 3 of key j
+    auto key4 = [&](int j, int i) -> float4 {
+        int ri = kri[j - j0];
+        if (ri < 0) {
+            int qp = lo + j;
+            const float* k = (qp >= p0) ? fresh + (u64)(qp - p0) * d : ring + (u64)(qp % win) * d;
+            return *(const float4*)(k + i * 128 + lane * 4);
         }
+        return attn_row4(rows + (u64)ri * rstride, i * 128 + lane * 4, nope, nblk, rope_bf16);
+    };
+    // One pass per warp with an online softmax: keys j0 + wp, + nw, ... two at
+    // a time (both loads in flight), each read once for its scores and its
+    // share of P.V (the three-phase version read every key twice, each a
+    // dependent round trip, with barriers between the phases)
+    float m[HB], l[HB], acc[HB][ATT_D / 32];
+#pragma unroll
+    for (int h = 0; h < HB; h++) {
+        m[h] = NEG_INF;
+        l[h] = 0.f;
+#pragma unroll
+        for (int i = 0; i < ATT_D / 32; i++) acc[h][i] = 0.f;
+    }
+    for (int ja = j0 + wp; ja < j1; ja += 2 * nw) {
+        int jb = ja + nw;
+        bool hb = jb < j1;
+        float4 ka[ATT_D / 128], kb[ATT_D / 128];
+#pragma unroll
+        for (int i = 0; i < ATT_D / 128; i++)
+            if (i < nd) {
+                ka[i] = key4(ja, i);
+                kb[i] = hb ? key4(jb, i) : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
 #pragma unroll
         for (int h = 0; h < HB; h++) {
-            float s = 0.f;
+            float sa = 0.f, sb = 0.f;
 #pragma unroll
             for (int i = 0; i < ATT_D / 128; i++)
                 if (i < nd) {
                     float4 qv = *(const float4*)(qs + h * d + i * 128 + lane * 4);
-                    s += qv.x * kv[i].x + qv.y * kv[i].y + qv.z * kv[i].z + qv.w * kv[i].w;
+                    sa += qv.x * ka[i].x + qv.y * ka[i].y + qv.z * ka[i].z + qv.w * ka[i].w;
+                    sb += qv.x * kb[i].x + qv.y * kb[i].y + qv.z * kb[i].z + qv.w * kb[i].w;
                 }
-            s = warp_sum(s);
-            if (lane == 0) z[h * max_keys + (j - j0)] = s * scale;
-        }
-    }
-    __syncthreads();
-    // phase 2: per-head max and exp-sum over this split's keys
-    if (wp < HB) {
-        float m = NEG_INF;
-        for (int j = lane; j < j1 - j0; j += 32) m = fmaxf(m, z[wp * max_keys + j]);
-        m = warp_max(m);
-        float sum = 0.f;
-        for (int j = lane; j < j1 - j0; j += 32) {
-            float e = expf(z[wp * max_keys + j] - m);
-            z[wp * max_keys + j] = e;
-            sum += e;
-        }
-        sum = warp_sum(sum);
-        if (lane == 0) { mx_s[wp] = m; den_s[wp] = sum; }
-    }
-    __syncthreads();
-    // phase 3: P.V
-    {
-        float acc[HB][ATT_D / 32];
-#pragma unroll
-        for (int h = 0; h < HB; h++)
-#pragma unroll
-            for (int i = 0; i < ATT_D / 32; i++) acc[h][i] = 0.f;
-        for (int j = j0 + wp; j < j1; j += nw) {
-            const u8* kp;
-            const float* k = attn_key(j, nwin, lo, p0, win, fresh, ring, rows, rstride, selt, d, &kp);
+            sa = warp_sum(sa) * scale;
+            sb = hb ? warp_sum(sb) * scale : NEG_INF;
+            float mn = fmaxf(m[h], fmaxf(sa, sb));
+            float c = expf(m[h] - mn);  // (0 while m is -inf: acc and l are 0)
+            float pa = expf(sa - mn), pb = hb ? expf(sb - mn) : 0.f;
+            l[h] = l[h] * c + pa + pb;
+            m[h] = mn;
 #pragma unroll
             for (int i = 0; i < ATT_D / 128; i++)
                 if (i < nd) {
-                    float4 kv = k ? *(const float4*)(k + i * 128 + lane * 4) : attn_row4(kp, i * 128 + lane * 4, nope, nblk, rope_bf16);
-#pragma unroll
-                    for (int h = 0; h < HB; h++) {
-                        float pj = z[h * max_keys + (j - j0)];
-                        acc[h][4 * i] += pj * kv.x;
-                        acc[h][4 * i + 1] += pj * kv.y;
-                        acc[h][4 * i + 2] += pj * kv.z;
-                        acc[h][4 * i + 3] += pj * kv.w;
-                    }
+                    acc[h][4 * i] = acc[h][4 * i] * c + pa * ka[i].x + pb * kb[i].x;
+                    acc[h][4 * i + 1] = acc[h][4 * i + 1] * c + pa * ka[i].y + pb * kb[i].y;
+                    acc[h][4 * i + 2] = acc[h][4 * i + 2] * c + pa * ka[i].z + pb * kb[i].z;
+                    acc[h][4 * i + 3] = acc[h][4 * i + 3] * c + pa * ka[i].w + pb * kb[i].w;
                 }
         }
-        // warps add their partials in a fixed order (no atomics): results are
-        // bit-reproducible run to run, which saved/restored sessions rely on.
+    }
+    trace_mark(21);
+    // merge the warps: the block's max per head, every warp's state scaled to
+    // it, sums in warp order (no atomics: bit-reproducible run to run, which
+    // saved/restored sessions rely on)
+    if (lane == 0) {
+#pragma unroll
+        for (int h = 0; h < HB; h++) wm[wp][h] = m[h];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < HB; h++) {
+        float M = NEG_INF;
+        for (int w = 0; w < nw; w++) M = fmaxf(M, wm[w][h]);
+        float f = (m[h] == NEG_INF) ? 0.f : expf(m[h] - M);
+        l[h] *= f;
+#pragma unroll
+        for (int i = 0; i < ATT_D / 32; i++) acc[h][i] *= f;
+        if (threadIdx.x == 0) mx_s[h] = M;
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int h = 0; h < HB; h++) wl[wp][h] = l[h];
+    }
+    __syncthreads();
+    if (threadIdx.x < HB) {
+        float sum = 0.f;
+        for (int w = 0; w < nw; w++) sum += wl[w][threadIdx.x];
+        den_s[threadIdx.x] = sum;
+    }
+    trace_mark(22);
+    {
         // Per head: every warp parks its partial in `red`, then each thread adds
-        // the warps' values of its dims in warp order (the same sums as adding
-        // warp by warp, without nw serialised steps)
+        // the warps' values of its dims in warp order
         float* red = z + HB * max_keys;
 #pragma unroll
         for (int h = 0; h < HB; h++) {
@@ -874,21 +991,13 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
         }
     }
     __syncthreads();
+    trace_mark(23);
     if (nsplit == 1) {
         for (int h = 0; h < HB && h0 + h < h_count; h++) {
             float m = mx_s[h];
             float den = den_s[h] + expf(sinks[h0 + h] - m);
             for (int i = threadIdx.x; i < d; i += blockDim.x) oacc[h * d + i] /= den;
         }
-        __syncthreads();
-        for (int h = 0; h < HB && h0 + h < h_count; h++) {
-            for (int i = threadIdx.x; i < rd / 2; i += blockDim.x)
-                rope_pair(&oacc[h * d + d - rd + 2 * i], &oacc[h * d + d - rd + 2 * i + 1], omega[i], p, true);
-        }
-        __syncthreads();
-        // (per head: no integer division by d in the loop)
-        for (int h = 0; h < HB && h0 + h < h_count; h++)
-            for (int c = threadIdx.x; c < d; c += blockDim.x) out[((u64)t * h_count + h0 + h) * d + c] = oacc[h * d + c];
     } else {
         // partial for (t, head, split): [m, l, o[d]] (per head: a division by
         // d + 2 per element was a fifth of this kernel's time)
@@ -896,7 +1005,17 @@ extern "C" __global__ void sink_attn(const float* q, const float* fresh, const f
             float* dst = part + (((u64)t * h_count + h0 + h) * nsplit + split) * (d + 2);
             for (int c = threadIdx.x; c < d + 2; c += blockDim.x) dst[c] = (c == 0) ? mx_s[h] : (c == 1) ? den_s[h] : oacc[h * d + c - 2];
         }
+        return;  // attn_combine merges them
     }
+    __syncthreads();
+    for (int h = 0; h < HB && h0 + h < h_count; h++) {
+        for (int i = threadIdx.x; i < rd / 2; i += blockDim.x)
+            rope_pair(&oacc[h * d + d - rd + 2 * i], &oacc[h * d + d - rd + 2 * i + 1], omega[i], p, true);
+    }
+    __syncthreads();
+    // (per head: no integer division by d in the loop)
+    for (int h = 0; h < HB && h0 + h < h_count; h++)
+        for (int c = threadIdx.x; c < d; c += blockDim.x) out[((u64)t * h_count + h0 + h) * d + c] = oacc[h * d + c];
 }
 
 // Merge the splits of sink_attn: o = sum_s e^(m_s-M) o_s / (sum_s e^(m_s-M) l_s + e^(sink-M)).
@@ -910,6 +1029,22 @@ extern "C" __global__ void attn_combine(const float* part, int nsplit, const flo
     int t = blockIdx.x, h = blockIdx.y;
     int p = *p0p + t;
     const float* pp = part + ((u64)t * h_count + h) * nsplit * (d + 2);
+    // The partial values of this thread's dims (4 x blockDim at a time, 16
+    // splits per batch) are loaded before the split weights exist (they only
+    // scale the sum): the first batch is in flight while warp 0 computes the
+    // weights (one round trip for both instead of ~5 dependent ones)
+    float pv[4][16];
+    auto load = [&](int c0, int s0) {
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+#pragma unroll
+            for (int u = 0; u < 16; u++) {
+                int i = c0 + r * blockDim.x + threadIdx.x;
+                pv[r][u] = (i < d && s0 + u < nsplit) ? pp[(s0 + u) * (d + 2) + 2 + i] : 0.f;
+            }
+    };
+    load(0, 0);
+    trace_mark(10);
     if (threadIdx.x < 32) {
         // split weights by one warp (nsplit <= 64): lane s holds splits s, s+32
         int l = threadIdx.x;
@@ -932,22 +1067,31 @@ extern "C" __global__ void attn_combine(const float* part, int nsplit, const flo
         }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        // all partial values of this dim loaded before they are added
-        float v = 0.f;
+    trace_mark(11);
+    for (int c0 = 0; c0 < d; c0 += 4 * blockDim.x) {
+        // per dim: v = sum over splits in order of w_s * o_s, then / den
+        float v[4] = {0.f, 0.f, 0.f, 0.f};
         for (int s0 = 0; s0 < nsplit; s0 += 16) {
-            float pv[16];
-#pragma unroll
-            for (int u = 0; u < 16; u++) pv[u] = (s0 + u < nsplit) ? pp[(s0 + u) * (d + 2) + 2 + i] : 0.f;
+            if (c0 > 0 || s0 > 0) load(c0, s0);
 #pragma unroll
             for (int u = 0; u < 16; u++)
-                if (s0 + u < nsplit) v += wsp[s0 + u] * pv[u];
+                if (s0 + u < nsplit) {
+                    float w = wsp[s0 + u];
+#pragma unroll
+                    for (int r = 0; r < 4; r++) v[r] += w * pv[r][u];
+                }
         }
-        o[i] = v / den_s;
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int i = c0 + r * blockDim.x + threadIdx.x;
+            if (i < d) o[i] = v[r] / den_s;
+        }
     }
     __syncthreads();
+    trace_mark(12);
     for (int i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_pair(&o[d - rd + 2 * i], &o[d - rd + 2 * i + 1], omega[i], p, true);
     __syncthreads();
+    trace_mark(13);
     for (int b0 = 0; b0 < d; b0 += blockDim.x) {
         int i = b0 + threadIdx.x;
         bool ok = i < d;

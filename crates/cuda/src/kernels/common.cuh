@@ -11,10 +11,105 @@ typedef unsigned long long u64;
 // the stream has finished and its writes are visible, then allow the next
 // kernel to be scheduled (its blocks wait in their own prologue). Inserted at
 // the top of every kernel by device.rs; a no-op for normal launches.
-__device__ __forceinline__ void pdl_prologue() {
+// PDL_EARLY (env DSV4_PDL_EARLY=1, an experiment): allow the next kernel
+// first, then wait, so a chain of kernels is scheduled ahead as far as their
+// blocks fit beside the running ones (each still waits for its predecessor,
+// which waited for its own: completion order is unchanged).
+__device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+#if DSV4_TRACE
+// Timeline of the GPU work (env DSV4_TRACE=1, an experiment: `Gpu::trace_*`).
+// Per launch, thread 0 of block (0,0,0) records its name hash (FNV-1a of the
+// kernel's name), when it started, when its wait returned (about when the
+// kernel before it in its stream finished) and when it ended.
+#define TRACE_CAP 16384
+__device__ u64 dsv4_trace[4 * TRACE_CAP];
+__device__ u32 dsv4_trace_n;
+__shared__ u64 tr_start;
+__shared__ u32 tr_name, tr_slot;
+__device__ __forceinline__ u64 gtimer() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ bool tr_lead() { return (blockIdx.x | blockIdx.y | blockIdx.z | threadIdx.x | threadIdx.y | threadIdx.z) == 0; }
+struct TraceScope {
+    __device__ TraceScope(const char* f) {
+        if (tr_lead()) {
+            u32 h = 2166136261u;
+            for (; *f; f++) h = (h ^ (u32)(u8)*f) * 16777619u;
+            tr_name = h;
+            tr_slot = 0xffffffffu;
+            tr_start = gtimer();
+        }
+    }
+    __device__ ~TraceScope() {
+        if (tr_lead() && tr_slot != 0xffffffffu) dsv4_trace[4 * tr_slot + 3] = gtimer();
+    }
+};
+#define TRACE_KERNEL() TraceScope tr_scope_(__func__)
+__device__ __forceinline__ void trace_waited() {
+    if (tr_lead()) {
+        u32 s = atomicAdd(&dsv4_trace_n, 1u);
+        if (s < TRACE_CAP) {
+            dsv4_trace[4 * s] = tr_name;
+            dsv4_trace[4 * s + 1] = tr_start;
+            dsv4_trace[4 * s + 2] = gtimer();
+            tr_slot = s;
+        }
+    }
+}
+// A point inside a kernel (block 0's thread 0 when it gets there): recorded
+// as "mark<id>" with its time in the wait column.
+__device__ __forceinline__ void trace_mark(u32 id) {
+    if (tr_lead()) {
+        u32 s = atomicAdd(&dsv4_trace_n, 1u);
+        if (s < TRACE_CAP) {
+            dsv4_trace[4 * s] = 0xAB000000u | id;
+            dsv4_trace[4 * s + 1] = tr_start;
+            dsv4_trace[4 * s + 2] = gtimer();
+            dsv4_trace[4 * s + 3] = 0;
+        }
+    }
+}
+#else
+#define TRACE_KERNEL()
+__device__ __forceinline__ void trace_waited() {}
+__device__ __forceinline__ void trace_mark(u32) {}
+#endif
+
+__device__ __forceinline__ void pdl_prologue() {
+#if PDL_EARLY
+    pdl_trigger();
+    pdl_wait();
+#else
+    pdl_wait();
+    pdl_trigger();
+#endif
+    trace_waited();
+}
+// A kernel whose signature carries PDL_MANUAL (before its opening brace) gets
+// no automatic prologue: it does work that reads nothing a previous kernel
+// wrote (weight prefetches, constant tables) first, then calls pdl_prologue()
+// itself before touching anything else.
+#define PDL_MANUAL
+
+// Pull the cache lines of [p, p + bytes) towards L2 (thread t of nt): the
+// weight matrices are constants, so a matvec can start streaming its rows
+// while the kernel before it is still running (PDL), instead of paying the
+// DRAM round trips after the wait. DSV4_PF=0 disables (A/B experiments).
+__device__ __forceinline__ void prefetch_l2(const void* p, u64 bytes, int t, int nt) {
+#if DSV4_PF
+    u64 a = ((u64)p & ~127ull) + (u64)t * 128, e = (u64)p + bytes;
+    for (; a < e; a += (u64)nt * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
 #endif
 }
 

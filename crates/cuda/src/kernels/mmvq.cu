@@ -444,9 +444,24 @@ __device__ __forceinline__ void mq_body(const u8* W, u64 row_bytes, int rows, in
                                         float* y, int ys, int n, const int* eids, u64 expert_bytes, int x_group, const int* tiles,
                                         const u8* W2 = 0, float* y2 = 0, int pair = 0) {
     __shared__ u32 gsel[TY == T_IQ2_XXS ? 256 : 1];
-    stage_iq2<TY>(gsel);
+    stage_iq2<TY>(gsel); // a constant table: before the wait
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    // x_group < 0: the expert ids are constants (the o_a group stack), so
+    // this warp's row address is known before the wait
+    bool static_eids = x_group < 0;
+    if (static_eids) x_group = -x_group;
+    if (!GROUPED && row < rows && (!eids || static_eids)) {
+        const u8* Wp = W;
+        int s = blockIdx.y;
+        if (W2 && s >= pair) {
+            Wp = W2;
+            s -= pair;
+        }
+        if (eids) Wp += (u64)eids[s] * expert_bytes;
+        prefetch_l2(Wp + (u64)row * row_bytes, row_bytes, lane, 32);
+    }
+    pdl_prologue();
     if (row >= rows) return;
     if (GROUPED) {
         const int* tl = tiles + 4 * blockIdx.y;
@@ -490,6 +505,11 @@ __device__ __forceinline__ void mqk_body(const u8* W, u64 row_bytes, int rows, i
     __shared__ float red[NT][8];
     stage_iq2<TY>(gsel);
     int row = blockIdx.x;
+    // (x_group < 0: constant expert ids, as in mq_body)
+    bool static_eids = x_group < 0;
+    if (static_eids) x_group = -x_group;
+    if (!eids || static_eids) prefetch_l2(W + (eids ? (u64)eids[blockIdx.y] * expert_bytes : 0) + (u64)row * row_bytes, row_bytes, threadIdx.x, blockDim.x);
+    pdl_prologue();
     if (eids) {
         int s = blockIdx.y;
         W += (u64)eids[s] * expert_bytes;
@@ -521,19 +541,19 @@ __device__ __forceinline__ void mqk_body(const u8* W, u64 row_bytes, int rows, i
 
 #define MQ_ARGS const u8 *W, u64 row_bytes, int rows, int cols, const i8 *xq, int xqs, const float *xd, int xds, float *y, int ys
 #define MQ_KERNEL(NAME, TY, NT)                                                                                     \
-    extern "C" __global__ void NAME(MQ_ARGS, int n, const int* eids, u64 expert_bytes, int x_group) {                \
+    extern "C" __global__ void NAME(MQ_ARGS, int n, const int* eids, u64 expert_bytes, int x_group) PDL_MANUAL {     \
         mq_body<TY, NT, false>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, n, eids, expert_bytes, x_group, 0); \
     }
 #define MQK_KERNEL(NAME, TY, NT)                                                                                 \
-    extern "C" __global__ void NAME(MQ_ARGS, int n, const int* eids, u64 expert_bytes, int x_group) {             \
+    extern "C" __global__ void NAME(MQ_ARGS, int n, const int* eids, u64 expert_bytes, int x_group) PDL_MANUAL {  \
         mqk_body<TY, NT>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, n, eids, expert_bytes, x_group);      \
     }
 #define MQG_KERNEL(NAME, TY)                                                                                  \
-    extern "C" __global__ void NAME(MQ_ARGS, u64 expert_bytes, const int* tiles) {                             \
+    extern "C" __global__ void NAME(MQ_ARGS, u64 expert_bytes, const int* tiles) PDL_MANUAL {                  \
         mq_body<TY, 8, true>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, 8, 0, expert_bytes, 1, tiles); \
     }
 #define MQP_KERNEL(NAME, TY)                                                                                           \
-    extern "C" __global__ void NAME(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2, int pair) { \
+    extern "C" __global__ void NAME(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2, int pair) PDL_MANUAL { \
         mq_body<TY, 1, false>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, 1, eids, expert_bytes, x_group, 0, W2, y2, pair); \
     }
 #define MQ_TYPE(SUFFIX, TY)                                                                                                                     \
@@ -549,11 +569,17 @@ MQ_TYPE(iq2_xxs, T_IQ2_XXS)
 
 // Paired IQ2_XXS decode product (see iq2_pair_dot): grid (ceil(rows / 8),
 // slots), 256 threads; y1[s] = W1[eids[s]] xq[s / x_group], y2[s] likewise.
-extern "C" __global__ void mqp2_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2) {
+extern "C" __global__ void mqp2_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2) PDL_MANUAL {
     __shared__ u32 gsel[256];
     stage_iq2<T_IQ2_XXS>(gsel);
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    // (expert ids come from the router: only plain matrices prefetch)
+    if (!eids && row < rows) {
+        prefetch_l2(W + (u64)row * row_bytes, row_bytes, lane, 32);
+        prefetch_l2(W2 + (u64)row * row_bytes, row_bytes, lane, 32);
+    }
+    pdl_prologue();
     if (row >= rows) return;
     int s = blockIdx.y;
     u64 eo = eids ? (u64)eids[s] * expert_bytes : 0;
@@ -569,3 +595,154 @@ extern "C" __global__ void mqp2_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_byt
         y2[(u64)s * ys + row] = acc2;
     }
 }
+
+// --- persistent single-token Q8_0 products ------------------------------------
+//
+// Decode's Q8_0 projections (q_a, q_b, o_a, o_b, the shared expert, the head)
+// with one warp per row ran at 2.0-2.7 TB/s inside the decode graph. Their
+// weight loads are unaligned words (34-byte blocks): ~30 L1 wavefronts per
+// 544 bytes, and the L1/TEX pipe was the limiter (ncu: 86 % busy). Here each
+// warp copies its row's bytes with aligned 16-byte loads (rows and matrices
+// are 16-byte aligned; 4 wavefronts per 512 bytes) into a per-warp shared
+// buffer and the lanes take their blocks from there; the next batch's loads
+// are in flight (in registers) while the current one is multiplied. A fixed
+// grid (what fits on the GPU at once) walks the flattened (slot, row) space:
+// warp gw takes rows gw, gw + NW, ... When the row addresses do not depend on
+// a previous kernel (eids null or constant), the first batch is loaded before
+// the PDL wait.
+//
+// Lane mapping and per-lane order of additions are those of row_dotq
+// (T_Q8_0: chunk 16 blocks, lane -> block lane/2, 16 values; T_Q8_0S: chunk
+// 8 blocks, lane -> block lane/4, 8 values), so results equal the per-row
+// kernels bit for bit. x is read from global memory (L1) as there.
+template <int CB>
+struct Q8V {
+    static const int BATCH = MQ_U * CB * 34;    // bytes per batch of MQ_U chunks
+    static const int NV = (BATCH / 16 + 31) / 32;  // 16-byte loads per lane
+};
+
+__device__ __forceinline__ uint4 ldg_stream(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+template <int CB>
+__device__ __forceinline__ void q8v_load(uint4 (&R)[Q8V<CB>::NV], const u8* wr, u64 row_bytes, int bt, int lane) {
+    u64 off0 = (u64)bt * Q8V<CB>::BATCH;
+#pragma unroll
+    for (int v = 0; v < Q8V<CB>::NV; v++) {
+        int i = v * 32 + lane;
+        u64 off = off0 + (u64)i * 16;
+        R[v] = (i < Q8V<CB>::BATCH / 16 && off < row_bytes) ? ldg_stream(wr + off) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+template <int CB>
+__device__ __forceinline__ void q8v_store(const uint4 (&R)[Q8V<CB>::NV], u8* buf, int lane) {
+#pragma unroll
+    for (int v = 0; v < Q8V<CB>::NV; v++) {
+        int i = v * 32 + lane;
+        if (i < Q8V<CB>::BATCH / 16) ((uint4*)buf)[i] = R[v];
+    }
+}
+
+// acc += batch bt (in buf) against x (codes xq, scales xd)
+template <int CB>
+__device__ __forceinline__ void q8v_dot(const u8* buf, const i8* xq, const float* xd, int nb, int bt, int lane, float& acc) {
+    const int LS = CB == 16 ? 1 : 2;  // log2(lanes per block)
+    int part = lane & ((1 << LS) - 1);
+#pragma unroll
+    for (int u = 0; u < MQ_U; u++) {
+        int lb = u * CB + (lane >> LS);
+        int b = bt * MQ_U * CB + lb;
+        if (b >= nb) continue;
+        const u8* blk = buf + lb * 34;
+        float dw = h2f(*(const u16*)blk);
+        u32 A = (u32)(u64)(blk + 2 + (CB == 16 ? 16 : 8) * part);
+        const u32* A4 = (const u32*)(blk + 2 + (CB == 16 ? 16 : 8) * part - (A & 3));
+        u32 sh = (A & 3) * 8;
+        int s;
+        if (CB == 16) {
+            u32 r0 = A4[0], r1 = A4[1], r2 = A4[2], r3 = A4[3], r4 = A4[4];
+            int4 xv = *(const int4*)(xq + b * 32 + 16 * part);
+            s = __dp4a((int)__funnelshift_r(r0, r1, sh), xv.x, __dp4a((int)__funnelshift_r(r1, r2, sh), xv.y,
+                  __dp4a((int)__funnelshift_r(r2, r3, sh), xv.z, __dp4a((int)__funnelshift_r(r3, r4, sh), xv.w, 0))));
+        } else {
+            u32 r0 = A4[0], r1 = A4[1], r2 = A4[2];
+            int2 xv = *(const int2*)(xq + b * 32 + 8 * part);
+            s = __dp4a((int)__funnelshift_r(r0, r1, sh), xv.x, __dp4a((int)__funnelshift_r(r1, r2, sh), xv.y, 0));
+        }
+        acc += (float)s * (dw * xd[b]);
+    }
+}
+
+// y[s][r] = W_s xq[s / x_group] for the flattened f = s * rows + r, s <
+// slots (W2 set: as many slots more with W2 / y2, same x). x_group < 0: eids
+// are constants (as mq_body). Dynamic shared memory: 8 warps x BATCH bytes
+// (+ 8 spare: the last block's fifth word).
+template <int CB>
+__device__ __forceinline__ void mq1p_body(const u8* W, u64 row_bytes, int rows, int cols, const i8* xq, int xqs, const float* xd, int xds,
+                                          float* y, int ys, int slots, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2) {
+    extern __shared__ __align__(16) u8 mq1p_sh[];
+    bool static_eids = x_group < 0;
+    if (static_eids) x_group = -x_group;
+    int lane = threadIdx.x & 31, wp = threadIdx.x >> 5;
+    u8* buf = mq1p_sh + wp * (Q8V<CB>::BATCH + 16);
+    int nb = cols / 32;
+    int nbat = (nb + MQ_U * CB - 1) / (MQ_U * CB);
+    int S = W2 ? 2 * slots : slots;
+    int F = S * rows;
+    int NW = gridDim.x * (blockDim.x >> 5);
+    int f = blockIdx.x * (blockDim.x >> 5) + wp, bt = 0;
+    // weight row of flattened row ff
+    auto row_ptr = [&](int ff) -> const u8* {
+        int s = ff / rows, r = ff - s * rows;
+        const u8* M = W;
+        if (s >= slots) {
+            M = W2;
+            s -= slots;
+        }
+        if (eids) M += (u64)eids[s] * expert_bytes;
+        return M + (u64)r * row_bytes;
+    };
+    uint4 R[Q8V<CB>::NV];
+    bool early = DSV4_EARLY && (!eids || static_eids);
+    if (early && f < F) q8v_load<CB>(R, row_ptr(f), row_bytes, 0, lane);
+    pdl_prologue();
+    if (!early && f < F) q8v_load<CB>(R, row_ptr(f), row_bytes, 0, lane);
+    float acc = 0.f;
+    while (f < F) {
+        __syncwarp();
+        q8v_store<CB>(R, buf, lane);
+        __syncwarp();
+        int f2 = f, bt2 = bt + 1;
+        if (bt2 == nbat) {
+            bt2 = 0;
+            f2 += NW;
+        }
+        if (f2 < F) q8v_load<CB>(R, row_ptr(f2), row_bytes, bt2, lane);
+        int s = f / rows;
+        int sx = (s >= slots ? s - slots : s) / x_group;
+        q8v_dot<CB>(buf, xq + (u64)sx * xqs, xd + (u64)sx * xds, nb, bt, lane, acc);
+        if (bt == nbat - 1) {
+            float v = warp_sum(acc);
+            acc = 0.f;
+            if (lane == 0) {
+                int r = f - s * rows;
+                if (s >= slots) y2[(u64)(s - slots) * ys + r] = v;
+                else y[(u64)s * ys + r] = v;
+            }
+        }
+        f = f2;
+        bt = bt2;
+    }
+}
+
+#define MQ1P_KERNEL(NAME, CB)                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) NAME(MQ_ARGS, int slots, const int* eids, u64 expert_bytes, int x_group, \
+                                                            const u8* W2, float* y2) PDL_MANUAL {                              \
+        mq1p_body<CB>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, slots, eids, expert_bytes, x_group, W2, y2);          \
+    }
+MQ1P_KERNEL(mq1p_q8_0, 16)
+MQ1P_KERNEL(mq1p_q8_0s, 8)

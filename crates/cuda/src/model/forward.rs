@@ -57,7 +57,7 @@ impl GpuModel {
         }
         launch!(self.gpu, &name, grid, (128, 1, 1), shmem;
             w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32,
-            x, xs as i32, y, ys as i32, 1i32, eids, w.expert_bytes(), x_group as i32, stage)
+            x, xs as i32, y, ys as i32, 1i32, eids, w.expert_bytes(), self.xg_arg(x_group, eids), stage)
     }
 
     /// Grouped matvec over expert-sorted rows: tile t = (matrix, first row,
@@ -78,6 +78,13 @@ impl GpuModel {
         let name = format!("mvg_{suffix}");
         launch!(self.gpu, &name, (w.rows.div_ceil(4) as u32, max_tiles as u32, 1), (128, 1, 1), 0;
             w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, x, xs as i32, y, ys as i32, w.expert_bytes(), tiles)
+    }
+
+    /// The kernels' x_group argument: negative when the expert ids are the
+    /// constant `iota` (the o_a group stack), so the kernels may read them,
+    /// and prefetch the rows they name, before waiting for the previous kernel.
+    fn xg_arg(&self, x_group: usize, eids: u64) -> i32 {
+        if eids != 0 && eids == self.s.iota.ptr { -(x_group as i32) } else { x_group as i32 }
     }
 
     /// Whether products with weights of type `ty` use 8-bit activations now.
@@ -119,6 +126,9 @@ impl GpuModel {
 
     /// y[t][r] = W xq[t] (8-bit activations) for n tokens.
     pub(crate) fn mvq(&self, w: MatRef, qa: QAct, y: u64, ys: usize, n: usize) -> Result<()> {
+        if n == 1 && self.mq1p(w, None, qa, 1, y, 0, ys, 1, 0)? {
+            return Ok(());
+        }
         let suffix = Self::mq_suffix(&w)?;
         let (split, rpb) = Self::mq_grid(&w);
         let mut done = 0;
@@ -139,11 +149,46 @@ impl GpuModel {
     /// Expert matvec with 8-bit activations: y[s] = W[eids[s]] xq[s / x_group].
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn mvq_experts(&self, w: MatRef, qa: QAct, x_group: usize, y: u64, ys: usize, slots: usize, eids: u64) -> Result<()> {
+        if self.mq1p(w, None, qa, x_group, y, 0, ys, slots, eids)? {
+            return Ok(());
+        }
         let suffix = Self::mq_suffix(&w)?;
         let rpb = Self::mq_grid(&w).1;
         launch!(self.gpu, &format!("mq_{suffix}_1"), (w.rows.div_ceil(rpb as usize) as u32, slots as u32, 1), (32 * rpb, 1, 1), 0;
             w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32,
-            y, ys as i32, 1i32, eids, w.expert_bytes(), x_group as i32)
+            y, ys as i32, 1i32, eids, w.expert_bytes(), self.xg_arg(x_group, eids))
+    }
+
+    /// Single-token Q8_0 products by the persistent kernel (mmvq.cu `mq1p_*`):
+    /// y[s] = W[eids[s]] xq[s / x_group] for s < slots (and likewise with w2
+    /// into y2). False when it does not apply (other types, x rows that do
+    /// not fit shared memory, unaligned input; env DSV4_MQ1P=0 for A/B runs).
+    #[allow(clippy::too_many_arguments)]
+    fn mq1p(&self, w: MatRef, w2: Option<MatRef>, qa: QAct, x_group: usize, y: u64, y2: u64, ys: usize, slots: usize, eids: u64) -> Result<bool> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var("DSV4_MQ1P").map(|v| v != "0").unwrap_or(true));
+        // rows copied with aligned 16-byte loads; x read as int4s
+        let aligned = w.ptr % 16 == 0 && w.row_bytes % 16 == 0 && (eids == 0 || w.expert_bytes() % 16 == 0) && !matches!(w2, Some(m) if m.ptr % 16 != 0);
+        if !on || w.ty != GgmlType::Q8_0 || w.cols % 32 != 0 || !aligned || qa.qs % 16 != 0 || qa.q % 16 != 0 {
+            return Ok(false);
+        }
+        // per warp: a batch of 4 chunks of 16 (short rows: 8) blocks of 34
+        // bytes, and 16 spare bytes (8 warps per block)
+        let short = w.cols / 32 < 64;
+        let name = if short { "mq1p_q8_0s" } else { "mq1p_q8_0" };
+        let smem = 8 * (4 * if short { 8 } else { 16 } * 34 + 16);
+        let total = slots * if w2.is_some() { 2 } else { 1 } * w.rows;
+        // (DSV4_MQ1P_BPS: at most that many blocks per SM, leaving room for
+        // the side branches; an experiment knob)
+        static BPS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let bps = *BPS.get_or_init(|| std::env::var("DSV4_MQ1P_BPS").ok().and_then(|v| v.parse().ok()).unwrap_or(u32::MAX));
+        let fit = self.gpu.resident_blocks(name, 256, smem as u32)?.min(self.gpu.sms.saturating_mul(bps)).max(1);
+        let grid = (total.div_ceil(8) as u32).min(fit);
+        let (w2p, y2p) = w2.map(|m| (m.ptr, y2)).unwrap_or((0, 0));
+        launch!(self.gpu, name, (grid, 1, 1), (256, 1, 1), smem as u32;
+            w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32,
+            y, ys as i32, slots as i32, eids, w.expert_bytes(), self.xg_arg(x_group, eids), w2p, y2p)?;
+        Ok(true)
     }
 
     /// Two same-shaped products of one 8-bit input in one launch (decode):
@@ -154,6 +199,9 @@ impl GpuModel {
         let suffix = Self::mq_suffix(&w1)?;
         if w1.ty != w2.ty || w1.rows != w2.rows || w1.cols != w2.cols || w1.row_bytes != w2.row_bytes {
             return Err(CudaError::Unsupported("paired products need equal shapes".into()));
+        }
+        if self.mq1p(w1, Some(w2), qa, x_group, y1, y2, ys, slots, eids)? {
+            return Ok(());
         }
         let rpb = Self::mq_grid(&w1).1;
         // (DSV4_IQ2_PAIR=0: the older kernel, for A/B runs; read once)
@@ -501,11 +549,12 @@ impl GpuModel {
                 // fixed grid (grid-stride inside) so the launch is position independent
                 let blocks_x = (ld.div_ceil(8) as u32).min(264);
                 let istride = state::dev_stride(self.idx_fmt());
-                if matches!(id, 32 | 64 | 128) && (ih * id + ih) * F <= 48 * 1024 {
+                // (q rows padded by 4 floats in shared memory, see attn.cu)
+                if matches!(id, 32 | 64 | 128) && (ih * (id + 4) + ih) * F <= 48 * 1024 {
                     // 1-32 threads per key row (see attn.cu); at least 264 blocks so
                     // short contexts still spread over the GPU
                     let bx = (ld.div_ceil(128) as u32).clamp(264, 1024);
-                    launch!(self.gpu, &format!("index_scores_rt{id}"), (bx, n as u32, 1), (128, 1, 1), ((ih * id + ih) * F) as u32;
+                    launch!(self.gpu, &format!("index_scores_rt{id}"), (bx, n as u32, 1), (128, 1, 1), ((ih * (id + 4) + ih) * F) as u32;
                         iq, iw, irows.ptr, istride as i32, vis, ih as i32, wscale, scores, ld as i32, c.index_topk as i32)?;
                 } else {
                     launch!(self.gpu, "index_scores", (blocks_x, n as u32, 1), (256, 1, 1), ((ih * (id + 1) + 8 * id) * F) as u32;
