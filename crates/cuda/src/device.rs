@@ -118,7 +118,7 @@ impl Gpu {
         let ctx = unsafe { cu::primary_ctx::retain(dev) }.map_err(drv("cuDevicePrimaryCtxRetain"))?;
         unsafe { cu::ctx::set_current(ctx) }.map_err(drv("cuCtxSetCurrent"))?;
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(drv("cuStreamCreate"))?;
-        let side = (0..3)
+        let side = (0..4)
             .map(|_| cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(drv("cuStreamCreate")))
             .collect::<Result<Vec<_>>>()?;
         let events = (0..64)
@@ -166,6 +166,11 @@ impl Gpu {
         let done = self.event();
         unsafe { cu::event::record(done, side) }.map_err(drv("cuEventRecord"))?;
         Ok((v, Join { ev: done }))
+    }
+
+    /// The stream work is queued on now waits for a side branch.
+    pub fn wait_on_current(&self, j: &Join) -> Result<()> {
+        unsafe { cu::stream::wait_event(self.cur_stream(), j.ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }.map_err(drv("cuStreamWaitEvent"))
     }
 
     /// Main stream waits for a side branch.

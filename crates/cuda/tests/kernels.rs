@@ -403,7 +403,7 @@ fn hc_pre_post_head_match_ops() {
     let (dx, dm, ds, db, dn) = (up(&x), up(&mixes), up(&scale), up(&base), up(&norm));
     let a = up(&vec![f32::NAN; n * d]);
     let hw = up(&vec![f32::NAN; n * (m + m * m)]);
-    launch!(g, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, dm.ptr, ds.ptr, db.ptr, dn.ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr, 0u64, 0u64, 0u64, 0u64, 1i32, 0i32, 0u64, 0i32).unwrap();
+    launch!(g, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, dm.ptr, ds.ptr, db.ptr, dn.ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr, 0u64, 0u64, 0u64, 0u64, 1i32, 0i32, 0u64, 0i32, 0i32).unwrap();
     let ga = g.read_f32(a.ptr, n * d).unwrap();
     let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
     let f: Vec<f32> = (0..n * d).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
@@ -1070,9 +1070,25 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     let hw = up(&vec![f32::NAN; n * (m + m * m)]);
     let q = bufs(n * d);
     launch!(g, "hc_pre", (n as u32, 3, 1), (256, 1, 1), 0; up(&x).ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a.ptr, hw.ptr,
-        q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr, 1i32, 0i32, 0u64, 0i32).unwrap();
+        q.0.ptr, q.1.ptr, q.2.ptr, q.3.ptr, 1i32, 0i32, 0u64, 0i32, 0i32).unwrap();
     let out = g.read_f32(a.ptr, n * d).unwrap();
     let ghw = g.read_f32(hw.ptr, n * (m + m * m)).unwrap();
+    // the same as two launches (slices only, then weights only): bit for bit
+    {
+        let (a2, hw2) = (up(&vec![f32::NAN; n * d]), up(&vec![f32::NAN; n * (m + m * m)]));
+        let q2 = bufs(n * d);
+        let (dx, dmx, dsc, dba, dno) = (up(&x), up(&mixes), up(&scale), up(&base), up(&norm));
+        launch!(g, "hc_pre", (n as u32, 2, 1), (256, 1, 1), 0; dx.ptr, dmx.ptr, dsc.ptr, dba.ptr, dno.ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a2.ptr, hw2.ptr,
+            q2.0.ptr, q2.1.ptr, q2.2.ptr, q2.3.ptr, 1i32, 0i32, 0u64, 0i32, 1i32).unwrap();
+        launch!(g, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0; dx.ptr, dmx.ptr, dsc.ptr, dba.ptr, dno.ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, a2.ptr, hw2.ptr,
+            0u64, 0u64, 0u64, 0u64, 1i32, 0i32, 0u64, 0i32, 2i32).unwrap();
+        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(g.read_f32(a2.ptr, n * d).unwrap()), bits(out.clone()), "hc_pre slices launched alone");
+        assert_eq!(bits(g.read_f32(hw2.ptr, n * (m + m * m)).unwrap()), bits(ghw.clone()), "hc_pre weights launched alone");
+        for (b1, b2, len) in [(&q.0, &q2.0, n * d / 4), (&q.2, &q2.2, n * d / 4)] {
+            assert_eq!(g.read_i32(b1.ptr, len).unwrap(), g.read_i32(b2.ptr, len).unwrap(), "hc_pre slices alone: 8-bit copies");
+        }
+    }
     for t in 0..n {
         let xt = &x[t * m * d..(t + 1) * m * d];
         let w = hc_weights_ref(xt, &mixes[t * nmix..(t + 1) * nmix], &scale, &base, m);
@@ -1094,7 +1110,7 @@ fn fused_quant_outputs_match_cpu_quantisation() {
     let (a1, a2) = (up(&vec![f32::NAN; n * d]), up(&vec![f32::NAN; n * d]));
     for (ap, gpp, parts) in [(a1.ptr, 0u64, 0i32), (a2.ptr, gp.ptr, 2i32)] {
         launch!(g, "hc_pre", (n as u32, 3, 1), (256, 1, 1), 0; dx.ptr, up(&mixes).ptr, up(&scale).ptr, up(&base).ptr, up(&norm).ptr, d as i32, m as i32, 20i32, 1e-6f32, 1e-6f32, ap, hw.ptr,
-            0u64, 0u64, 0u64, 0u64, 1i32, 0i32, gpp, parts).unwrap();
+            0u64, 0u64, 0u64, 0u64, 1i32, 0i32, gpp, parts, 0i32).unwrap();
     }
     let (r1, r2) = (g.read_f32(a1.ptr, n * d).unwrap(), g.read_f32(a2.ptr, n * d).unwrap());
     assert!(rel_err(&r2, &r1) < 1e-6, "hc_pre from hc_post's Gram parts");

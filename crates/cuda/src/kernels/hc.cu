@@ -69,7 +69,7 @@ __device__ __forceinline__ float sumsq_batched(const float* p, int n) {
 extern "C" __global__ void hc_pre(const float* x, const float* mixes, const float* scale, const float* base,
                                   const float* norm_w, int d, int m, int iters, float hc_eps, float rms_eps,
                                   float* a, float* hw, i8* q0, float* d0, i8* qk, float* dk, int nparts, int pstride,
-                                  const float* gp, int gparts) {
+                                  const float* gp, int gparts, int part) {
     __shared__ float sh[32];
     __shared__ float gsh[32][10];
     __shared__ float pre[16], mix[96], comb[64], msum[96];
@@ -147,8 +147,11 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
     // With gridDim.y > 1, block 0 of a token only computes the HC weights
     // (the Sinkhorn's long dependent chain then runs beside the slices
     // instead of before block 0's slice); blocks 1.. own the column slices.
-    bool comb_block = blockIdx.y == 0;
-    bool slice_block = gridDim.y == 1 || blockIdx.y > 0;
+    // part 1: only the slices (block y = slice y; the weights are launched
+    // separately, beside the layer's critical path, as part 2: one block per
+    // token, weights only; nothing reads them before hc_post)
+    bool comb_block = part == 2 || (part == 0 && blockIdx.y == 0);
+    bool slice_block = part == 1 || (part == 0 && (gridDim.y == 1 || blockIdx.y > 0));
     if (!comb_block) {
         // slices only need `pre`
         if (threadIdx.x < m) {
@@ -223,8 +226,8 @@ extern "C" __global__ void hc_pre(const float* x, const float* mixes, const floa
     if (!slice_block) return;  // the whole block: no barrier follows for it
     __syncthreads();
     float* at = a + (u64)t * d;
-    int nsl = gridDim.y == 1 ? 1 : gridDim.y - 1;
-    int cs = d / nsl, c0 = (gridDim.y == 1 ? 0 : blockIdx.y - 1) * cs;
+    int nsl = part == 1 ? gridDim.y : gridDim.y == 1 ? 1 : gridDim.y - 1;
+    int cs = d / nsl, c0 = (part == 1 ? blockIdx.y : gridDim.y == 1 ? 0 : blockIdx.y - 1) * cs;
     float ss2 = 0.f;
 #pragma unroll
     for (int j = 0; j < 4; j++)

@@ -180,8 +180,10 @@ impl GpuModel {
         let total = slots * if w2.is_some() { 2 } else { 1 } * w.rows;
         // (DSV4_MQ1P_BPS: at most that many blocks per SM, leaving room for
         // the side branches; an experiment knob)
-        static BPS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-        let bps = *BPS.get_or_init(|| std::env::var("DSV4_MQ1P_BPS").ok().and_then(|v| v.parse().ok()).unwrap_or(u32::MAX));
+        static BPS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+        let knob = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(u32::MAX);
+        let (main_bps, side_bps) = *BPS.get_or_init(|| (knob("DSV4_MQ1P_BPS"), knob("DSV4_SIDE_BPS")));
+        let bps = if self.gpu.cur_index() == 0 { main_bps } else { side_bps };
         let fit = self.gpu.resident_blocks(name, 256, smem as u32)?.min(self.gpu.sms.saturating_mul(bps)).max(1);
         let grid = (total.div_ceil(8) as u32).min(fit);
         let (w2p, y2p) = w2.map(|m| (m.ptr, y2)).unwrap_or((0, 0));
@@ -253,7 +255,9 @@ impl GpuModel {
 
     /// `gram`: x was just written by hc_post, which left its Gram parts.
     #[allow(clippy::too_many_arguments)]
-    fn hc_pre(&self, hc: &GHc, norm: u64, x: u64, n: usize, want0: bool, wantk: bool, gram: bool, mix_ready: bool) -> Result<()> {
+    /// Returns the join of the HC-weights branch (hw: post / comb, only read
+    /// by hc_post) when it runs beside the slices on side stream 4.
+    fn hc_pre(&self, hc: &GHc, norm: u64, x: u64, n: usize, want0: bool, wantk: bool, gram: bool, mix_ready: bool) -> Result<Option<crate::device::Join>> {
         let c = self.cfg.clone();
         let nmix = (2 + c.hc) * c.hc;
         let (mixes, a, hw) = (self.s.mixes.ptr, self.s.a.ptr, self.s.hw.ptr);
@@ -263,11 +267,30 @@ impl GpuModel {
         // a token's columns in slices of 256 (or more) over several blocks
         let k256 = if c.dim % 256 == 0 { c.dim / 256 } else { 1 };
         let slices = [16usize, 8, 4, 2, 1].into_iter().find(|s| k256 % s == 0).unwrap_or(1);
-        // block 0 of a token: the Sinkhorn weights, beside the slices
-        let gy = if slices > 1 { slices + 1 } else { 1 };
+        let gp = if gram && self.gram_parts() > 0 { self.s.gp.ptr } else { 0u64 };
+        // The HC weights (a Sinkhorn: one long dependent chain) are only read
+        // by hc_post, after the attention or the MoE: with several slices
+        // they run as their own launch on side stream 4 (part 2) and the
+        // layer's next kernels wait for the slices alone (part 1). One slice:
+        // block 0 of a token does both (part 0). (env DSV4_HC_SPLIT=0: the
+        // weights in block 0 beside the slices, in the same launch, for A/B)
+        static SPLIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let split = slices > 1 && *SPLIT.get_or_init(|| std::env::var("DSV4_HC_SPLIT").map(|v| v != "0").unwrap_or(true));
+        let mut join = None;
+        if split {
+            let (_, j) = self.gpu.on_side(4, || {
+                launch!(self.gpu, "hc_pre", (n as u32, 1, 1), (256, 1, 1), 0;
+                    x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.sinkhorn_iters as i32, c.hc_eps, c.rms_eps, a, hw,
+                    0u64, 0u64, 0u64, 0u64, nparts, pstride, gp, self.gram_parts() as i32, 2i32)
+            })?;
+            join = Some(j);
+        }
+        // (part 0: block 0 of a token computes the weights beside the slices)
+        let (gy, part) = if split { (slices, 1i32) } else if slices > 1 { (slices + 1, 0) } else { (1, 0) };
         launch!(self.gpu, "hc_pre", (n as u32, gy as u32, 1), (256, 1, 1), 0;
             x, mixes, hc.scale.ptr, hc.base.ptr, norm, c.dim as i32, c.hc as i32, c.sinkhorn_iters as i32, c.hc_eps, c.rms_eps, a, hw,
-            q0, d0, qk, dk, nparts, pstride, if gram && self.gram_parts() > 0 { self.s.gp.ptr } else { 0u64 }, self.gram_parts() as i32)
+            q0, d0, qk, dk, nparts, pstride, gp, self.gram_parts() as i32, part)?;
+        Ok(join)
     }
 
     /// The HC mix products fn . x (`rows` of them per token) into the `mixes`
@@ -449,16 +472,22 @@ impl GpuModel {
         // kv) and the FFN's experts / shared expert
         let q0 = |t: GgmlType| t == GgmlType::Q8_0;
         // (after an hc_post, that hc_post left this HC's mix partials)
-        self.hc_pre(&b.hc_attn, b.attn_norm.ptr, x, n, q0(b.q_a.ty) || q0(b.kv.ty), Self::is_k(b.q_a.ty) || Self::is_k(b.kv.ty), after_post,
+        let jw = self.hc_pre(&b.hc_attn, b.attn_norm.ptr, x, n, q0(b.q_a.ty) || q0(b.kv.ty), Self::is_k(b.q_a.ty) || Self::is_k(b.kv.ty), after_post,
             after_post && self.mix_fused(&b.hc_attn, n))?;
         self.attention(b, st, n, p0, pp)?;
         let f = self.s.f.ptr;
+        if let Some(j) = jw {
+            self.gpu.join(j)?;
+        }
         self.hc_post_with(x, f, n, None, Some(&b.hc_ffn))?;
         let sh_ty = b.shared.as_ref().map(|s| s.0.ty);
         let want0 = q0(b.gate_exps.ty) || sh_ty.is_some_and(q0);
         let wantk = Self::is_k(b.gate_exps.ty) || sh_ty.is_some_and(Self::is_k);
-        self.hc_pre(&b.hc_ffn, b.ffn_norm.ptr, x, n, want0, wantk, true, self.mix_fused(&b.hc_ffn, n))?;
+        let jw = self.hc_pre(&b.hc_ffn, b.ffn_norm.ptr, x, n, want0, wantk, true, self.mix_fused(&b.hc_ffn, n))?;
         let red = self.moe(b, n)?;
+        if let Some(j) = jw {
+            self.gpu.join(j)?;
+        }
         let y = self.s.y.ptr;
         let _ = d;
         self.hc_post_with(x, y, n, Some(red), Some(next))
@@ -537,13 +566,18 @@ impl GpuModel {
         let mut j_ix = None;
         if let (Some(ix), Some(irows)) = (&b.idx, &st.idx_rows) {
             use_sel = true;
-            let (_, j) = self.gpu.on_side(3, || -> Result<()> {
-                let (ih, id) = (c.index_heads, c.index_head_dim);
-                let (iq, iw, vis, scores, sel, cnt) = (self.s.iq.ptr, self.s.iw.ptr, self.s.vis.ptr, self.s.scores.ptr, self.s.sel.ptr, self.s.cnt.ptr);
+            let (ih, id) = (c.index_heads, c.index_head_dim);
+            let (iq, iw, vis, scores, sel, cnt) = (self.s.iq.ptr, self.s.iw.ptr, self.s.vis.ptr, self.s.scores.ptr, self.s.sel.ptr, self.s.cnt.ptr);
+            // its q and head weights on side stream 4, beside the indexer
+            // compressor (stream 3), whose new row only the scores need
+            let (_, jq) = self.gpu.on_side(4, || -> Result<()> {
                 self.mv_fused(ix.q_b.r(), qr, c.q_lora_rank, iq, ih * id, n, &self.s.fqr)?;
                 launch!(self.gpu, "row_finish", ((n * ih) as u32, 1, 1), (128, 1, 1), 0;
                     iq, id as i32, ih as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 2i32, 0i32)?;
-                self.mv(ix.proj.r(), a, c.dim, iw, ih, n)?;
+                self.mv(ix.proj.r(), a, c.dim, iw, ih, n)
+            })?;
+            let (_, j) = self.gpu.on_side(3, || -> Result<()> {
+                self.gpu.wait_on_current(&jq)?;
                 let wscale = (id as f32).powf(-0.5) * (ih as f32).powf(-0.5);
                 let ld = self.ctx / ratio + 1;
                 // fixed grid (grid-stride inside) so the launch is position independent

@@ -531,7 +531,7 @@ impl Scratch {
                 // attention output, HC-stream inputs (MTP h_proj)
                 let per_tok = [k * d, k * ff, h * hd, c.o_groups * c.o_lora_rank, m * d, c.q_lora_rank, d].into_iter().max().unwrap_or(d);
                 let cap = (n * per_tok).next_multiple_of(256);
-                (0..4)
+                (0..5) // one per stream: main + 4 side streams
                     .map(|_| -> Result<QScratch> { Ok(QScratch { q: g.alloc(cap)?, d: g.alloc(cap / 32 * F)?, cap }) })
                     .collect::<Result<Vec<_>>>()?
             },
