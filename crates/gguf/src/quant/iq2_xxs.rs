@@ -193,10 +193,13 @@ pub(crate) mod avx2 {
     }
 }
 
-/// 2-bit level codes of the grid (8 → 0, 25 → 1, 43 → 2), bits 2m..2m+1 for
-/// value m: `[0]` = low byte (values 0..3), `[1]` = high byte (values 4..7).
+/// Bit planes of the grid's level codes (8 → 0, 25 → 1, 43 → 2): bit m of
+/// `[0][i]` = bit 0 of the code of value m of entry i, `[1][i]` = bit 1.
+/// Together with the sign byte (`ksigns`, bit m = sign of value m) a row is
+/// three planes, which one `vgf2p8affineqb` transposes into a 3-bit index
+/// (code, sign) per value (see `avx512`).
 #[cfg_attr(not(dsv4_avx512), allow(dead_code))]
-pub(crate) static GRID_CODES: [[u8; 256]; 2] = {
+pub(crate) static GRID_PLANES: [[u8; 256]; 2] = {
     let mut t = [[0u8; 256]; 2];
     let mut i = 0;
     while i < 256 {
@@ -212,7 +215,8 @@ pub(crate) static GRID_CODES: [[u8; 256]; 2] = {
             } else {
                 panic!("IQ2_XXS grid value outside {{8, 25, 43}}")
             };
-            t[m / 4][i] |= lvl << (2 * (m % 4));
+            t[0][i] |= (lvl & 1) << m;
+            t[1][i] |= (lvl >> 1) << m;
             m += 1;
         }
         i += 1;
@@ -220,14 +224,33 @@ pub(crate) static GRID_CODES: [[u8; 256]; 2] = {
     t
 };
 
-/// AVX-512 (F/BW/VBMI/VNNI/BITALG) kernels: the whole block is decoded with
-/// byte permutes instead of 64 scalar table loads. Grid rows become 16-bit
-/// level codes through `vpermi2b` lookups in [`GRID_CODES`] (8 registers),
-/// sign rows through one `vpermi2b` in `ksigns`; per 64 weights one
-/// `vpermt2b` gathers (low code, high code, signs) of each 8-value row into a
-/// qword, `vpmultishiftqb` + `vpermb` give the magnitudes, `vpshufbitqmb` the
-/// sign mask, and `vpdpbusd` multiplies the magnitudes with the Q8_K
-/// activations negated under that mask.
+/// Offset of the unsigned weights the AVX-512 q8 kernel feeds `vpdpbusd`:
+/// it multiplies `Q8_OFFSET + w` (w = ±8/25/43, so 21..107, a valid u8)
+/// with the signed Q8_K quants, and starts each i32 lane from
+/// `−Q8_OFFSET·Σ` of that lane's four quants ([`q8_bias`]), so the lane ends
+/// at exactly Σ w·q — the same integer the masked-negate kernel produced.
+#[cfg_attr(not(dsv4_avx512), allow(dead_code))]
+pub(crate) const Q8_OFFSET: i32 = 64;
+
+/// `−Q8_OFFSET · (q[4j] + q[4j+1] + q[4j+2] + q[4j+3])` for every j: the
+/// initial `vpdpbusd` accumulators of the AVX-512 kernel (computed once per
+/// activation vector, shared by all rows).
+pub(crate) fn q8_bias(qs: &[i8]) -> Vec<i32> {
+    qs.chunks_exact(4).map(|c| -Q8_OFFSET * c.iter().map(|&q| q as i32).sum::<i32>()).collect()
+}
+
+/// AVX-512 (F/BW/VBMI/VNNI/GFNI) kernels: the whole block is decoded with
+/// byte permutes instead of 64 scalar table loads. Grid rows become two bit
+/// planes of their level codes through `vpermi2b` lookups in
+/// [`GRID_PLANES`] (8 registers), sign rows through one `vpermi2b` in
+/// `ksigns`; per 64 weights one `vpermt2b` gathers (plane 0, plane 1, signs)
+/// of each 8-value row into bytes 7, 6, 5 of a qword, one `vgf2p8affineqb`
+/// with that qword as the bit matrix transposes it (byte m = code and sign
+/// of value m in bits 0..2), and one `vpermb` maps that to the unsigned
+/// weight `Q8_OFFSET ± level` (q8 path) or the signed weight (f32 path).
+/// With the sign inside the lookup there is no mask and no negation of the
+/// activations (vpshufbitqmb + masked vpsubb were ~4 of ~38 cycles a block
+/// on Zen 4; the byte-granular gather of the sign would not fit otherwise).
 #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
 #[allow(clippy::incompatible_msrv)] // only built with Rust ≥ 1.89 (build.rs)
 pub(crate) mod avx512 {
@@ -236,8 +259,9 @@ pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     const fn sub_idx() -> [[u8; 64]; 4] {
-        // P_r qword s (g = 2r + s/4, k = s%4): byte 0 = low code (LS[8g+k]),
-        // byte 1 = high code (hi[8g+k], second table), byte 2 = sign row (LS[8g+4+k]).
+        // P_r qword s (g = 2r + s/4, k = s%4): byte 7 = plane 0 (LS[8g+k]),
+        // byte 6 = plane 1 (hi[8g+k], second table), byte 5 = sign row
+        // (LS[8g+4+k]); bytes 0..4 (don't care) repeat byte 7's source.
         let mut t = [[0u8; 64]; 4];
         let mut r = 0;
         while r < 4 {
@@ -245,9 +269,14 @@ pub(crate) mod avx512 {
             while s < 8 {
                 let g = 2 * r + s / 4;
                 let k = s % 4;
-                t[r][8 * s] = (8 * g + k) as u8;
-                t[r][8 * s + 1] = (64 + 8 * g + k) as u8;
-                t[r][8 * s + 2] = (8 * g + 4 + k) as u8;
+                let mut j = 0;
+                while j < 5 {
+                    t[r][8 * s + j] = (8 * g + k) as u8;
+                    j += 1;
+                }
+                t[r][8 * s + 5] = (8 * g + 4 + k) as u8;
+                t[r][8 * s + 6] = (64 + 8 * g + k) as u8;
+                t[r][8 * s + 7] = (8 * g + k) as u8;
                 s += 1;
             }
             r += 1;
@@ -255,15 +284,23 @@ pub(crate) mod avx512 {
         t
     }
     static SUB_IDX: [[u8; 64]; 4] = sub_idx();
-    static LEVELS: [u8; 64] = {
+    /// `vpermb` tables indexed by the transposed byte: bit 0..1 = level code,
+    /// bit 2 = sign; bits 3..5 are other planes (don't care), 6..7 unused.
+    const fn level_table(offset: i32) -> [u8; 64] {
         let mut t = [0u8; 64];
         let mut i = 0;
         while i < 64 {
-            t[i] = [8u8, 25, 43, 0][i & 3];
+            let mag = [8i32, 25, 43, 0][i & 3];
+            let w = if (i >> 2) & 1 == 1 { -mag } else { mag };
+            t[i] = (offset + w) as u8;
             i += 1;
         }
         t
-    };
+    }
+    /// `Q8_OFFSET + w` (u8) for the q8 path.
+    static LEVELS_Q8: [u8; 64] = level_table(Q8_OFFSET);
+    /// `w` (i8) for the f32 path.
+    static LEVELS_I8: [u8; 64] = level_table(0);
     /// Scale words for `packs(dot_r, dot_r+1)` (r = 0 → `[0]`, r = 2 → `[1]`):
     /// word j (128-bit lane L = j/8, p = j%8) comes from dword 4L + p%4 of
     /// dot_{r + p/4}, i.e. group 2(r + p/4) + L/2, whose scale is word 0 of
@@ -284,13 +321,12 @@ pub(crate) mod avx512 {
         t
     };
 
-    // vpmultishiftqb controls (one qword, broadcast).
+    // vpmultishiftqb control (one qword, broadcast).
     /// bytes 0..3 = grid indices (unchanged), 4..7 = the four 7-bit sign indices.
     const CTRL_SIDX: u64 = u64::from_le_bytes([0, 8, 16, 24, 32, 39, 46, 53]);
-    /// byte m = bits 2m.. of the 16-bit level code.
-    const CTRL_LVL: u64 = u64::from_le_bytes([0, 2, 4, 6, 8, 10, 12, 14]);
-    /// `vpshufbitqmb` control: mask bit m of a qword = sign bit m (bit 16+m).
-    const CTRL_SGN: u64 = u64::from_le_bytes([16, 17, 18, 19, 20, 21, 22, 23]);
+    /// `vgf2p8affineqb` operand: byte m = 1 << m, so with the row qword as the
+    /// matrix, result bit i of byte m = bit m of row byte 7 − i.
+    const ONEHOT: u64 = u64::from_le_bytes([1, 2, 4, 8, 16, 32, 64, 128]);
 
     #[inline(always)]
     unsafe fn ld(p: *const u8) -> __m512i {
@@ -306,33 +342,31 @@ pub(crate) mod avx512 {
         sub: [__m512i; 4],
         sc: [__m512i; 2],
         c_sidx: __m512i,
-        c_lvl: __m512i,
-        c_sgn: __m512i,
+        onehot: __m512i,
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
-    unsafe fn tabs() -> Tabs {
-        let gl = GRID_CODES[0].as_ptr();
-        let gh = GRID_CODES[1].as_ptr();
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
+    unsafe fn tabs(levels: &[u8; 64]) -> Tabs {
+        let gl = GRID_PLANES[0].as_ptr();
+        let gh = GRID_PLANES[1].as_ptr();
         Tabs {
             tl: [ld(gl), ld(gl.add(64)), ld(gl.add(128)), ld(gl.add(192))],
             th: [ld(gh), ld(gh.add(64)), ld(gh.add(128)), ld(gh.add(192))],
             ks: [ld(KSIGNS_IQ2XS.as_ptr()), ld(KSIGNS_IQ2XS.as_ptr().add(64))],
-            levels: ld(LEVELS.as_ptr()),
+            levels: ld(levels.as_ptr()),
             sub: [ld(SUB_IDX[0].as_ptr()), ld(SUB_IDX[1].as_ptr()), ld(SUB_IDX[2].as_ptr()), ld(SUB_IDX[3].as_ptr())],
             sc: [ld(SC_IDX[0].as_ptr() as *const u8), ld(SC_IDX[1].as_ptr() as *const u8)],
             c_sidx: _mm512_set1_epi64(CTRL_SIDX as i64),
-            c_lvl: _mm512_set1_epi64(CTRL_LVL as i64),
-            c_sgn: _mm512_set1_epi64(CTRL_SGN as i64),
+            onehot: _mm512_set1_epi64(ONEHOT as i64),
         }
     }
 
-    /// Per-block decode: `(LS, hi, Q)`: LS qword g = low codes (bytes 0..3) and
-    /// sign rows (4..7) of group g, `hi` bytes 8g..8g+3 = high codes, `Q` the raw
-    /// 64 group bytes (for the scales).
+    /// Per-block decode: `(LS, hi, Q)`: LS qword g = plane-0 bytes (bytes 0..3)
+    /// and sign rows (4..7) of group g, `hi` bytes 8g..8g+3 = plane-1 bytes,
+    /// `Q` the raw 64 group bytes (for the scales).
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
     unsafe fn codes(b: *const u8, t: &Tabs) -> (__m512i, __m512i, __m512i) {
         let q = ld(b.add(2));
         let m = _mm512_multishift_epi64_epi8(t.c_sidx, q);
@@ -352,50 +386,44 @@ pub(crate) mod avx512 {
         (ls, hi, q)
     }
 
-    /// Magnitudes (u8) and sign mask of the 64 values of groups 2r, 2r+1.
+    /// The 64 weights of groups 2r, 2r+1 as bytes of `t.levels` (row-major,
+    /// 8 values per row).
     #[inline(always)]
-    unsafe fn part(t: &Tabs, ls: __m512i, hi: __m512i, r: usize) -> (__m512i, __mmask64) {
+    unsafe fn part(t: &Tabs, ls: __m512i, hi: __m512i, r: usize) -> __m512i {
         let p = _mm512_permutex2var_epi8(ls, t.sub[r], hi);
-        let mag = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(t.c_lvl, p), t.levels);
-        let neg = _mm512_bitshuffle_epi64_mask(p, t.c_sgn);
-        (mag, neg)
+        _mm512_permutexvar_epi8(_mm512_gf2p8affine_epi64_epi8::<0>(t.onehot, p), t.levels)
     }
 
-    /// A decoded block: magnitudes and sign masks of the four 64-value parts,
-    /// and the group-scale words for the two packed dot pairs.
+    /// A decoded block: the offset weights of the four 64-value parts, and
+    /// the group-scale words for the two packed dot pairs.
     struct Decoded {
-        mag: [__m512i; 4],
-        neg: [__mmask64; 4],
+        xw: [__m512i; 4],
         w: [__m512i; 2],
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
     unsafe fn decode(b: *const u8, t: &Tabs) -> Decoded {
         let (ls, hi, q) = codes(b, t);
         // Qword g: (a1 >> 27) | 1 = 2·ls_g + 1 (< 32, so also its low word).
         let scales = _mm512_or_si512(_mm512_srli_epi64(q, 59), _mm512_set1_epi64(1));
-        let (m0, n0) = part(t, ls, hi, 0);
-        let (m1, n1) = part(t, ls, hi, 1);
-        let (m2, n2) = part(t, ls, hi, 2);
-        let (m3, n3) = part(t, ls, hi, 3);
         Decoded {
-            mag: [m0, m1, m2, m3],
-            neg: [n0, n1, n2, n3],
+            xw: [part(t, ls, hi, 0), part(t, ls, hi, 1), part(t, ls, hi, 2), part(t, ls, hi, 3)],
             w: [_mm512_permutexvar_epi16(t.sc[0], scales), _mm512_permutexvar_epi16(t.sc[1], scales)],
         }
     }
 
-    /// Σ_g (2·ls_g+1)·Σ signed_grid·q8 of a decoded block, as 16 i32 lanes.
+    /// Σ_g (2·ls_g+1)·Σ signed_grid·q8 of a decoded block, as 16 i32 lanes;
+    /// `bias` = the block's 64 [`q8_bias`] lanes.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
-    unsafe fn apply_q8(dec: &Decoded, q8: *const i8) -> __m512i {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
+    unsafe fn apply_q8(dec: &Decoded, q8: *const i8, bias: *const i32) -> __m512i {
         let zero = _mm512_setzero_si512();
         let mut dots = [zero; 4];
         for (r, dot) in dots.iter_mut().enumerate() {
-            let a = ld(q8.add(64 * r) as *const u8);
-            let a = _mm512_mask_sub_epi8(a, dec.neg[r], zero, a);
-            *dot = _mm512_dpbusd_epi32(zero, dec.mag[r], a);
+            // Lane j: −64·Σq + Σ (64 + w)·q = Σ w·q over its four values.
+            let acc = ld(bias.add(16 * r) as *const u8);
+            *dot = _mm512_dpbusd_epi32(acc, dec.xw[r], ld(q8.add(64 * r) as *const u8));
         }
         // |4 products| ≤ 4·43·128 < 2^15: the i32 lanes fit i16 (packs is
         // exact), and madd with the per-word group scales sums pairs of them.
@@ -409,14 +437,16 @@ pub(crate) mod avx512 {
 
     /// Σ_g (2·ls_g+1)·Σ signed_grid·q8 of one block, as 16 i32 lanes.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
-    unsafe fn block_q8(b: *const u8, q8: *const i8, t: &Tabs) -> __m512i {
-        apply_q8(&decode(b, t), q8)
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
+    unsafe fn block_q8(b: *const u8, q8: *const i8, bias: *const i32, t: &Tabs) -> __m512i {
+        apply_q8(&decode(b, t), q8, bias)
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
-    pub unsafe fn dot_q8(row: &[u8], xd: &[f32], xq: &[i8]) -> f32 {
-        let t = tabs();
+    /// `bias` = [`q8_bias`] of `xq` (16 lanes per 64 quants).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
+    pub unsafe fn dot_q8(row: &[u8], xd: &[f32], xq: &[i8], bias: &[i32]) -> f32 {
+        debug_assert!(xq.len() >= xd.len() * QK && bias.len() >= xd.len() * QK / 4);
+        let t = tabs(&LEVELS_Q8);
         let mut acc0 = _mm512_setzero_ps();
         let mut acc1 = _mm512_setzero_ps();
         let nb = xd.len();
@@ -430,30 +460,34 @@ pub(crate) mod avx512 {
         while i + 2 <= nb {
             let b = row.as_ptr().add(i * BLOCK_BYTES);
             prefetch_block(b, 2 * BLOCK_BYTES);
-            let s0 = block_q8(b, xq.as_ptr().add(i * QK), &t);
-            let s1 = block_q8(b.add(BLOCK_BYTES), xq.as_ptr().add((i + 1) * QK), &t);
+            let s0 = block_q8(b, xq.as_ptr().add(i * QK), bias.as_ptr().add(i * QK / 4), &t);
+            let s1 = block_q8(b.add(BLOCK_BYTES), xq.as_ptr().add((i + 1) * QK), bias.as_ptr().add((i + 1) * QK / 4), &t);
             acc0 = _mm512_fmadd_ps(_mm512_set1_ps(scale(i)), _mm512_cvtepi32_ps(s0), acc0);
             acc1 = _mm512_fmadd_ps(_mm512_set1_ps(scale(i + 1)), _mm512_cvtepi32_ps(s1), acc1);
             i += 2;
         }
         if i < nb {
             let b = row.as_ptr().add(i * BLOCK_BYTES);
-            let s0 = block_q8(b, xq.as_ptr().add(i * QK), &t);
+            let s0 = block_q8(b, xq.as_ptr().add(i * QK), bias.as_ptr().add(i * QK / 4), &t);
             acc0 = _mm512_fmadd_ps(_mm512_set1_ps(scale(i)), _mm512_cvtepi32_ps(s0), acc0);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
     }
 
+    /// One token's activations for [`dot_q8_multi`]: Q8_K scales, quants and
+    /// their [`q8_bias`].
+    pub type Q8Acts<'a> = (&'a [f32], &'a [i8], &'a [i32]);
+
     /// Most tokens [`dot_q8_multi`] takes at once.
     pub const MULTI_MAX: usize = 8;
 
-    /// [`dot_q8`] of one row against up to [`MULTI_MAX`] tokens `(d, qs)`,
+    /// [`dot_q8`] of one row against up to [`MULTI_MAX`] tokens `(d, qs, bias)`,
     /// decoding each weight block once (prefill). `out[k]` is bitwise equal
-    /// to `dot_q8(row, xs[k].0, xs[k].1)`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
-    pub unsafe fn dot_q8_multi(row: &[u8], xs: &[(&[f32], &[i8])], out: &mut [f32]) {
+    /// to `dot_q8(row, xs[k].0, xs[k].1, xs[k].2)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
+    pub unsafe fn dot_q8_multi(row: &[u8], xs: &[Q8Acts], out: &mut [f32]) {
         let n = xs.len().min(MULTI_MAX).min(out.len());
-        let t = tabs();
+        let t = tabs(&LEVELS_Q8);
         let mut acc = [[_mm512_setzero_ps(); 2]; MULTI_MAX];
         let nb = row.len() / BLOCK_BYTES;
         for i in 0..nb {
@@ -461,8 +495,8 @@ pub(crate) mod avx512 {
             prefetch_block(b, BLOCK_BYTES);
             let dw = f16_1(u16::from_le_bytes([*b, *b.add(1)]));
             let dec = decode(b, &t);
-            for (k, &(xd, xq)) in xs[..n].iter().enumerate() {
-                let s = apply_q8(&dec, xq.as_ptr().add(i * QK));
+            for (k, &(xd, xq, bias)) in xs[..n].iter().enumerate() {
+                let s = apply_q8(&dec, xq.as_ptr().add(i * QK), bias.as_ptr().add(i * QK / 4));
                 let a = &mut acc[k][i % 2];
                 *a = _mm512_fmadd_ps(_mm512_set1_ps(xd[i] * dw * 0.125), _mm512_cvtepi32_ps(s), *a);
             }
@@ -474,10 +508,9 @@ pub(crate) mod avx512 {
 
     /// f32 path: signed grid values → f32, per group `d·(0.5+ls)·0.25 · Σ w·x`
     /// (same scale expression as dequantisation).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx512bitalg,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
     pub unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
-        let t = tabs();
-        let zero = _mm512_setzero_si512();
+        let t = tabs(&LEVELS_I8);
         let mut acc = _mm512_setzero_ps();
         for i in 0..x.len() / QK {
             let b = row.as_ptr().add(i * BLOCK_BYTES);
@@ -486,8 +519,7 @@ pub(crate) mod avx512 {
             let (ls, hi, _) = codes(b, &t);
             let xb = x.as_ptr().add(i * QK);
             for r in 0..4 {
-                let (mag, neg) = part(&t, ls, hi, r);
-                let w = _mm512_mask_sub_epi8(mag, neg, zero, mag);
+                let w = part(&t, ls, hi, r);
                 let xr = xb.add(64 * r);
                 let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(w)));
                 let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<1>(w)));
@@ -512,14 +544,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grid_codes_decode_to_grid() {
+    fn grid_planes_decode_to_grid() {
         for (i, &g) in IQ2XXS_GRID.iter().enumerate() {
-            let code = GRID_CODES[0][i] as u16 | (GRID_CODES[1][i] as u16) << 8;
             let mut v = 0u64;
             for m in 0..8 {
-                v |= ([8u64, 25, 43][((code >> (2 * m)) & 3) as usize]) << (8 * m);
+                let code = (GRID_PLANES[0][i] >> m) & 1 | ((GRID_PLANES[1][i] >> m) & 1) << 1;
+                v |= ([8u64, 25, 43][code as usize]) << (8 * m);
             }
             assert_eq!(v, g, "grid entry {i}");
+        }
+    }
+
+    #[test]
+    fn q8_bias_is_offset_times_sums_of_four() {
+        let q: Vec<i8> = (0..64).map(|i| (i * 37 % 255 - 127) as i8).collect();
+        let b = q8_bias(&q);
+        assert_eq!(b.len(), 16);
+        for (j, &v) in b.iter().enumerate() {
+            assert_eq!(v, -Q8_OFFSET * q[4 * j..4 * j + 4].iter().map(|&x| x as i32).sum::<i32>());
         }
     }
 
