@@ -258,10 +258,12 @@ pub(crate) mod avx512 {
     use crate::quant::simd::avx2::{f16_1, prefetch_block};
     use std::arch::x86_64::*;
 
-    const fn sub_idx() -> [[u8; 64]; 4] {
-        // P_r qword s (g = 2r + s/4, k = s%4): byte 7 = plane 0 (LS[8g+k]),
-        // byte 6 = plane 1 (hi[8g+k], second table), byte 5 = sign row
-        // (LS[8g+4+k]); bytes 0..4 (don't care) repeat byte 7's source.
+    const fn sub_idx(po: usize, so: usize) -> [[u8; 64]; 4] {
+        // P_r qword s (g = 2r + s/4, k = s%4): byte 7 = plane 0 (LS[8g+po+k]),
+        // byte 6 = plane 1 (hi[8g+po+k], second table), byte 5 = sign row
+        // (LS[8g+so+k]); bytes 0..4 (don't care) repeat byte 7's source.
+        // Single blocks and the first block of a pair: po = 0, so = 4; the
+        // second block of a pair has planes and signs swapped (po = 4, so = 0).
         let mut t = [[0u8; 64]; 4];
         let mut r = 0;
         while r < 4 {
@@ -271,19 +273,20 @@ pub(crate) mod avx512 {
                 let k = s % 4;
                 let mut j = 0;
                 while j < 5 {
-                    t[r][8 * s + j] = (8 * g + k) as u8;
+                    t[r][8 * s + j] = (8 * g + po + k) as u8;
                     j += 1;
                 }
-                t[r][8 * s + 5] = (8 * g + 4 + k) as u8;
-                t[r][8 * s + 6] = (64 + 8 * g + k) as u8;
-                t[r][8 * s + 7] = (8 * g + k) as u8;
+                t[r][8 * s + 5] = (8 * g + so + k) as u8;
+                t[r][8 * s + 6] = (64 + 8 * g + po + k) as u8;
+                t[r][8 * s + 7] = (8 * g + po + k) as u8;
                 s += 1;
             }
             r += 1;
         }
         t
     }
-    static SUB_IDX: [[u8; 64]; 4] = sub_idx();
+    static SUB_IDX: [[u8; 64]; 4] = sub_idx(0, 4);
+    static SUB_IDX_B: [[u8; 64]; 4] = sub_idx(4, 0);
     /// `vpermb` tables indexed by the transposed byte: bit 0..1 = level code,
     /// bit 2 = sign; bits 3..5 are other planes (don't care), 6..7 unused.
     const fn level_table(offset: i32) -> [u8; 64] {
@@ -324,6 +327,11 @@ pub(crate) mod avx512 {
     // vpmultishiftqb control (one qword, broadcast).
     /// bytes 0..3 = grid indices (unchanged), 4..7 = the four 7-bit sign indices.
     const CTRL_SIDX: u64 = u64::from_le_bytes([0, 8, 16, 24, 32, 39, 46, 53]);
+    /// Block pairs, qword g = (a1 of the second block, a1 of the first):
+    /// bytes 0..3 = the second block's sign indices, 4..7 = the first's.
+    const CTRL_PAIR: u64 = u64::from_le_bytes([0, 7, 14, 21, 32, 39, 46, 53]);
+    /// Byte mask of the high dword of every qword.
+    const HI4: u64 = 0xF0F0_F0F0_F0F0_F0F0;
     /// `vgf2p8affineqb` operand: byte m = 1 << m, so with the row qword as the
     /// matrix, result bit i of byte m = bit m of row byte 7 − i.
     const ONEHOT: u64 = u64::from_le_bytes([1, 2, 4, 8, 16, 32, 64, 128]);
@@ -340,8 +348,10 @@ pub(crate) mod avx512 {
         ks: [__m512i; 2],
         levels: __m512i,
         sub: [__m512i; 4],
+        sub_b: [__m512i; 4],
         sc: [__m512i; 2],
         c_sidx: __m512i,
+        c_pair: __m512i,
         onehot: __m512i,
     }
 
@@ -356,8 +366,10 @@ pub(crate) mod avx512 {
             ks: [ld(KSIGNS_IQ2XS.as_ptr()), ld(KSIGNS_IQ2XS.as_ptr().add(64))],
             levels: ld(levels.as_ptr()),
             sub: [ld(SUB_IDX[0].as_ptr()), ld(SUB_IDX[1].as_ptr()), ld(SUB_IDX[2].as_ptr()), ld(SUB_IDX[3].as_ptr())],
+            sub_b: [ld(SUB_IDX_B[0].as_ptr()), ld(SUB_IDX_B[1].as_ptr()), ld(SUB_IDX_B[2].as_ptr()), ld(SUB_IDX_B[3].as_ptr())],
             sc: [ld(SC_IDX[0].as_ptr() as *const u8), ld(SC_IDX[1].as_ptr() as *const u8)],
             c_sidx: _mm512_set1_epi64(CTRL_SIDX as i64),
+            c_pair: _mm512_set1_epi64(CTRL_PAIR as i64),
             onehot: _mm512_set1_epi64(ONEHOT as i64),
         }
     }
@@ -389,8 +401,8 @@ pub(crate) mod avx512 {
     /// The 64 weights of groups 2r, 2r+1 as bytes of `t.levels` (row-major,
     /// 8 values per row).
     #[inline(always)]
-    unsafe fn part(t: &Tabs, ls: __m512i, hi: __m512i, r: usize) -> __m512i {
-        let p = _mm512_permutex2var_epi8(ls, t.sub[r], hi);
+    unsafe fn part(ls: __m512i, sub: __m512i, hi: __m512i, t: &Tabs) -> __m512i {
+        let p = _mm512_permutex2var_epi8(ls, sub, hi);
         _mm512_permutexvar_epi8(_mm512_gf2p8affine_epi64_epi8::<0>(t.onehot, p), t.levels)
     }
 
@@ -408,9 +420,61 @@ pub(crate) mod avx512 {
         // Qword g: (a1 >> 27) | 1 = 2·ls_g + 1 (< 32, so also its low word).
         let scales = _mm512_or_si512(_mm512_srli_epi64(q, 59), _mm512_set1_epi64(1));
         Decoded {
-            xw: [part(t, ls, hi, 0), part(t, ls, hi, 1), part(t, ls, hi, 2), part(t, ls, hi, 3)],
+            xw: [part(ls, t.sub[0], hi, t), part(ls, t.sub[1], hi, t), part(ls, t.sub[2], hi, t), part(ls, t.sub[3], hi, t)],
             w: [_mm512_permutexvar_epi16(t.sc[0], scales), _mm512_permutexvar_epi16(t.sc[1], scales)],
         }
+    }
+
+    /// [`decode`] of blocks `b` and `b + 66` with one set of grid lookups:
+    /// the 32 grid indices of each block fill the low and high dwords of the
+    /// qwords of one vector (a byte-masked load of the second block 4 bytes
+    /// early; no permute), and likewise the sign indices (a masked load 4
+    /// bytes late), so the four grid `vpermi2b`, the `ksigns` one and the
+    /// `vpmultishiftqb` serve both blocks.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
+    unsafe fn decode_pair(b: *const u8, t: &Tabs) -> (Decoded, Decoded) {
+        let bb = b.add(BLOCK_BYTES);
+        let qa = ld(b.add(2));
+        // Qword g: bytes 0..3 = first block's grid indices of group g, 4..7 = second's.
+        let g = _mm512_mask_loadu_epi8(qa, HI4, b.add(BLOCK_BYTES - 2) as *const i8);
+        // Qword g: bytes 0..3 = second block's a1 word of group g, 4..7 = first's
+        // (the masked load does not touch the 4 bytes past the second block).
+        let h = _mm512_mask_loadu_epi8(qa, !HI4, bb.add(2 + 4) as *const i8);
+        let signs = _mm512_permutex2var_epi8(t.ks[0], _mm512_multishift_epi64_epi8(t.c_pair, h), t.ks[1]);
+        let top = _mm512_movepi8_mask(g);
+        let lo = _mm512_mask_blend_epi8(
+            top,
+            _mm512_permutex2var_epi8(t.tl[0], g, t.tl[1]),
+            _mm512_permutex2var_epi8(t.tl[2], g, t.tl[3]),
+        );
+        let hi = _mm512_mask_blend_epi8(
+            top,
+            _mm512_permutex2var_epi8(t.th[0], g, t.th[1]),
+            _mm512_permutex2var_epi8(t.th[2], g, t.th[3]),
+        );
+        let ls_a = _mm512_mask_blend_epi8(HI4, lo, signs);
+        let ls_b = _mm512_mask_blend_epi8(HI4, signs, lo);
+        let one = _mm512_set1_epi64(1);
+        // As in decode: (a1 >> 27) | 1 = 2·ls + 1 in the low word of qword g;
+        // the second block's a1 is the low dword, so mask off the first's.
+        let sc_a = _mm512_or_si512(_mm512_srli_epi64(h, 59), one);
+        let sc_b = _mm512_ternarylogic_epi64::<0xEA>(_mm512_srli_epi64(h, 27), _mm512_set1_epi64(31), one);
+        (
+            Decoded {
+                xw: [part(ls_a, t.sub[0], hi, t), part(ls_a, t.sub[1], hi, t), part(ls_a, t.sub[2], hi, t), part(ls_a, t.sub[3], hi, t)],
+                w: [_mm512_permutexvar_epi16(t.sc[0], sc_a), _mm512_permutexvar_epi16(t.sc[1], sc_a)],
+            },
+            Decoded {
+                xw: [
+                    part(ls_b, t.sub_b[0], hi, t),
+                    part(ls_b, t.sub_b[1], hi, t),
+                    part(ls_b, t.sub_b[2], hi, t),
+                    part(ls_b, t.sub_b[3], hi, t),
+                ],
+                w: [_mm512_permutexvar_epi16(t.sc[0], sc_b), _mm512_permutexvar_epi16(t.sc[1], sc_b)],
+            },
+        )
     }
 
     /// Σ_g (2·ls_g+1)·Σ signed_grid·q8 of a decoded block, as 16 i32 lanes;
@@ -460,8 +524,9 @@ pub(crate) mod avx512 {
         while i + 2 <= nb {
             let b = row.as_ptr().add(i * BLOCK_BYTES);
             prefetch_block(b, 2 * BLOCK_BYTES);
-            let s0 = block_q8(b, xq.as_ptr().add(i * QK), bias.as_ptr().add(i * QK / 4), &t);
-            let s1 = block_q8(b.add(BLOCK_BYTES), xq.as_ptr().add((i + 1) * QK), bias.as_ptr().add((i + 1) * QK / 4), &t);
+            let (d0, d1) = decode_pair(b, &t);
+            let s0 = apply_q8(&d0, xq.as_ptr().add(i * QK), bias.as_ptr().add(i * QK / 4));
+            let s1 = apply_q8(&d1, xq.as_ptr().add((i + 1) * QK), bias.as_ptr().add((i + 1) * QK / 4));
             acc0 = _mm512_fmadd_ps(_mm512_set1_ps(scale(i)), _mm512_cvtepi32_ps(s0), acc0);
             acc1 = _mm512_fmadd_ps(_mm512_set1_ps(scale(i + 1)), _mm512_cvtepi32_ps(s1), acc1);
             i += 2;
@@ -519,7 +584,7 @@ pub(crate) mod avx512 {
             let (ls, hi, _) = codes(b, &t);
             let xb = x.as_ptr().add(i * QK);
             for r in 0..4 {
-                let w = part(&t, ls, hi, r);
+                let w = part(ls, t.sub[r], hi, &t);
                 let xr = xb.add(64 * r);
                 let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(w)));
                 let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<1>(w)));
