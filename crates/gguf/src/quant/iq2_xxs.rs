@@ -258,52 +258,58 @@ pub(crate) mod avx512 {
     use crate::quant::simd::avx2::{f16_1, prefetch_block};
     use std::arch::x86_64::*;
 
-    const fn sub_idx(po: usize, so: usize) -> [[u8; 64]; 4] {
-        // P_r qword s (g = 2r + s/4, k = s%4): byte 7 = plane 0 (LS[8g+po+k]),
-        // byte 6 = plane 1 (hi[8g+po+k], second table), byte 5 = sign row
-        // (LS[8g+so+k]); bytes 0..4 (don't care) repeat byte 7's source.
-        // Single blocks and the first block of a pair: po = 0, so = 4; the
-        // second block of a pair has planes and signs swapped (po = 4, so = 0).
-        let mut t = [[0u8; 64]; 4];
-        let mut r = 0;
-        while r < 4 {
+    const fn sub_idx(po: usize, so: usize) -> [[u8; 64]; 2] {
+        // Q_u qword s (k = s%4) carries row s of part 2u in bytes 7, 6, 5 and
+        // row s of part 2u+1 in bytes 4, 3, 2 (part r row s = group
+        // g = 2r + s/4, entry k): plane 0 (LS[8g+po+k]), plane 1 (hi[8g+po+k],
+        // second table), sign row (LS[8g+so+k]). Bytes 0, 1 only reach result
+        // bits 7, 6, which vpermb ignores. Single blocks and the first block
+        // of a pair: po = 0, so = 4; the second block of a pair has planes and
+        // signs swapped (po = 4, so = 0).
+        let mut t = [[0u8; 64]; 2];
+        let mut u = 0;
+        while u < 2 {
             let mut s = 0;
             while s < 8 {
-                let g = 2 * r + s / 4;
                 let k = s % 4;
-                let mut j = 0;
-                while j < 5 {
-                    t[r][8 * s + j] = (8 * g + po + k) as u8;
-                    j += 1;
+                let mut h = 0;
+                while h < 2 {
+                    let g = 2 * (2 * u + h) + s / 4;
+                    let top = 8 * s + 7 - 3 * h;
+                    t[u][top] = (8 * g + po + k) as u8;
+                    t[u][top - 1] = (64 + 8 * g + po + k) as u8;
+                    t[u][top - 2] = (8 * g + so + k) as u8;
+                    h += 1;
                 }
-                t[r][8 * s + 5] = (8 * g + so + k) as u8;
-                t[r][8 * s + 6] = (64 + 8 * g + po + k) as u8;
-                t[r][8 * s + 7] = (8 * g + po + k) as u8;
+                t[u][8 * s] = t[u][8 * s + 7];
+                t[u][8 * s + 1] = t[u][8 * s + 7];
                 s += 1;
             }
-            r += 1;
+            u += 1;
         }
         t
     }
-    static SUB_IDX: [[u8; 64]; 4] = sub_idx(0, 4);
-    static SUB_IDX_B: [[u8; 64]; 4] = sub_idx(4, 0);
-    /// `vpermb` tables indexed by the transposed byte: bit 0..1 = level code,
-    /// bit 2 = sign; bits 3..5 are other planes (don't care), 6..7 unused.
-    const fn level_table(offset: i32) -> [u8; 64] {
+    static SUB_IDX: [[u8; 64]; 2] = sub_idx(0, 4);
+    static SUB_IDX_B: [[u8; 64]; 2] = sub_idx(4, 0);
+    /// `vpermb` tables indexed by the transposed byte: bits 3h..3h+1 = level
+    /// code, bit 3h+2 = sign (h = 0: first row of the qword, 1: second);
+    /// the other bits are don't care, 6..7 unused.
+    const fn level_table(offset: i32, h: usize) -> [u8; 64] {
         let mut t = [0u8; 64];
         let mut i = 0;
         while i < 64 {
-            let mag = [8i32, 25, 43, 0][i & 3];
-            let w = if (i >> 2) & 1 == 1 { -mag } else { mag };
+            let c = i >> (3 * h);
+            let mag = [8i32, 25, 43, 0][c & 3];
+            let w = if (c >> 2) & 1 == 1 { -mag } else { mag };
             t[i] = (offset + w) as u8;
             i += 1;
         }
         t
     }
     /// `Q8_OFFSET + w` (u8) for the q8 path.
-    static LEVELS_Q8: [u8; 64] = level_table(Q8_OFFSET);
+    static LEVELS_Q8: [[u8; 64]; 2] = [level_table(Q8_OFFSET, 0), level_table(Q8_OFFSET, 1)];
     /// `w` (i8) for the f32 path.
-    static LEVELS_I8: [u8; 64] = level_table(0);
+    static LEVELS_I8: [[u8; 64]; 2] = [level_table(0, 0), level_table(0, 1)];
     /// Scale words for `packs(dot_r, dot_r+1)` (r = 0 → `[0]`, r = 2 → `[1]`):
     /// word j (128-bit lane L = j/8, p = j%8) comes from dword 4L + p%4 of
     /// dot_{r + p/4}, i.e. group 2(r + p/4) + L/2, whose scale is word 0 of
@@ -346,9 +352,9 @@ pub(crate) mod avx512 {
         tl: [__m512i; 4],
         th: [__m512i; 4],
         ks: [__m512i; 2],
-        levels: __m512i,
-        sub: [__m512i; 4],
-        sub_b: [__m512i; 4],
+        levels: [__m512i; 2],
+        sub: [__m512i; 2],
+        sub_b: [__m512i; 2],
         sc: [__m512i; 2],
         c_sidx: __m512i,
         c_pair: __m512i,
@@ -357,16 +363,16 @@ pub(crate) mod avx512 {
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
-    unsafe fn tabs(levels: &[u8; 64]) -> Tabs {
+    unsafe fn tabs(levels: &[[u8; 64]; 2]) -> Tabs {
         let gl = GRID_PLANES[0].as_ptr();
         let gh = GRID_PLANES[1].as_ptr();
         Tabs {
             tl: [ld(gl), ld(gl.add(64)), ld(gl.add(128)), ld(gl.add(192))],
             th: [ld(gh), ld(gh.add(64)), ld(gh.add(128)), ld(gh.add(192))],
             ks: [ld(KSIGNS_IQ2XS.as_ptr()), ld(KSIGNS_IQ2XS.as_ptr().add(64))],
-            levels: ld(levels.as_ptr()),
-            sub: [ld(SUB_IDX[0].as_ptr()), ld(SUB_IDX[1].as_ptr()), ld(SUB_IDX[2].as_ptr()), ld(SUB_IDX[3].as_ptr())],
-            sub_b: [ld(SUB_IDX_B[0].as_ptr()), ld(SUB_IDX_B[1].as_ptr()), ld(SUB_IDX_B[2].as_ptr()), ld(SUB_IDX_B[3].as_ptr())],
+            levels: [ld(levels[0].as_ptr()), ld(levels[1].as_ptr())],
+            sub: [ld(SUB_IDX[0].as_ptr()), ld(SUB_IDX[1].as_ptr())],
+            sub_b: [ld(SUB_IDX_B[0].as_ptr()), ld(SUB_IDX_B[1].as_ptr())],
             sc: [ld(SC_IDX[0].as_ptr() as *const u8), ld(SC_IDX[1].as_ptr() as *const u8)],
             c_sidx: _mm512_set1_epi64(CTRL_SIDX as i64),
             c_pair: _mm512_set1_epi64(CTRL_PAIR as i64),
@@ -398,12 +404,21 @@ pub(crate) mod avx512 {
         (ls, hi, q)
     }
 
-    /// The 64 weights of groups 2r, 2r+1 as bytes of `t.levels` (row-major,
-    /// 8 values per row).
+    /// The 64 weights of parts 2u and 2u+1 (part r = groups 2r, 2r+1, row-major,
+    /// 8 values per row) as bytes of `t.levels`, from one gather and one
+    /// transpose (two rows per qword).
     #[inline(always)]
-    unsafe fn part(ls: __m512i, sub: __m512i, hi: __m512i, t: &Tabs) -> __m512i {
+    unsafe fn parts(ls: __m512i, sub: __m512i, hi: __m512i, t: &Tabs) -> (__m512i, __m512i) {
         let p = _mm512_permutex2var_epi8(ls, sub, hi);
-        _mm512_permutexvar_epi8(_mm512_gf2p8affine_epi64_epi8::<0>(t.onehot, p), t.levels)
+        let idx = _mm512_gf2p8affine_epi64_epi8::<0>(t.onehot, p);
+        (_mm512_permutexvar_epi8(idx, t.levels[0]), _mm512_permutexvar_epi8(idx, t.levels[1]))
+    }
+
+    #[inline(always)]
+    unsafe fn all_parts(ls: __m512i, sub: &[__m512i; 2], hi: __m512i, t: &Tabs) -> [__m512i; 4] {
+        let (x0, x1) = parts(ls, sub[0], hi, t);
+        let (x2, x3) = parts(ls, sub[1], hi, t);
+        [x0, x1, x2, x3]
     }
 
     /// A decoded block: the offset weights of the four 64-value parts, and
@@ -420,7 +435,7 @@ pub(crate) mod avx512 {
         // Qword g: (a1 >> 27) | 1 = 2·ls_g + 1 (< 32, so also its low word).
         let scales = _mm512_or_si512(_mm512_srli_epi64(q, 59), _mm512_set1_epi64(1));
         Decoded {
-            xw: [part(ls, t.sub[0], hi, t), part(ls, t.sub[1], hi, t), part(ls, t.sub[2], hi, t), part(ls, t.sub[3], hi, t)],
+            xw: all_parts(ls, &t.sub, hi, t),
             w: [_mm512_permutexvar_epi16(t.sc[0], scales), _mm512_permutexvar_epi16(t.sc[1], scales)],
         }
     }
@@ -462,16 +477,11 @@ pub(crate) mod avx512 {
         let sc_b = _mm512_ternarylogic_epi64::<0xEA>(_mm512_srli_epi64(h, 27), _mm512_set1_epi64(31), one);
         (
             Decoded {
-                xw: [part(ls_a, t.sub[0], hi, t), part(ls_a, t.sub[1], hi, t), part(ls_a, t.sub[2], hi, t), part(ls_a, t.sub[3], hi, t)],
+                xw: all_parts(ls_a, &t.sub, hi, t),
                 w: [_mm512_permutexvar_epi16(t.sc[0], sc_a), _mm512_permutexvar_epi16(t.sc[1], sc_a)],
             },
             Decoded {
-                xw: [
-                    part(ls_b, t.sub_b[0], hi, t),
-                    part(ls_b, t.sub_b[1], hi, t),
-                    part(ls_b, t.sub_b[2], hi, t),
-                    part(ls_b, t.sub_b[3], hi, t),
-                ],
+                xw: all_parts(ls_b, &t.sub_b, hi, t),
                 w: [_mm512_permutexvar_epi16(t.sc[0], sc_b), _mm512_permutexvar_epi16(t.sc[1], sc_b)],
             },
         )
@@ -583,8 +593,8 @@ pub(crate) mod avx512 {
             let d = f16_1(u16::from_le_bytes([*b, *b.add(1)]));
             let (ls, hi, _) = codes(b, &t);
             let xb = x.as_ptr().add(i * QK);
-            for r in 0..4 {
-                let w = part(ls, t.sub[r], hi, &t);
+            let ws = all_parts(ls, &t.sub, hi, &t);
+            for (r, &w) in ws.iter().enumerate() {
                 let xr = xb.add(64 * r);
                 let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(w)));
                 let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<1>(w)));
