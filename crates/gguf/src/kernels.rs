@@ -232,13 +232,11 @@ pub fn dot_q8_at(ty: GgmlType, row: &[u8], a: &QuantizedActs, level: SimdLevel) 
 fn dot_q8_tile(ty: GgmlType, row: &[u8], xq: &[QuantizedActs], level: SimdLevel, out: &mut [f32]) {
     #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
     if ty == GgmlType::IQ2_XXS && clamp_level(level) == SimdLevel::Avx512 && xq.len() > 1 {
-        let acts: Option<Vec<iq2_xxs::avx512::Q8Acts>> =
-            xq.iter().map(|a| a.q8_k().map(|q| (&q.d[..], &q.qs[..], &a.iq2_bias[..]))).collect();
+        let acts: Option<Vec<(&[f32], &[i8])>> = xq.iter().map(|a| a.q8_k().map(|q| (&q.d[..], &q.qs[..]))).collect();
         if let Some(acts) = acts {
             for (xs, o) in acts.chunks(iq2_xxs::avx512::MULTI_MAX).zip(out.chunks_mut(iq2_xxs::avx512::MULTI_MAX)) {
                 // SAFETY: AVX-512 F/BW/VBMI/VNNI/GFNI + AVX2 present (clamp_level);
-                // every activation set holds row.len() / 66 blocks (checked by the
-                // caller) and its iq2_bias (quantize_acts).
+                // every activation set holds row.len() / 66 blocks (checked by the caller).
                 unsafe { iq2_xxs::avx512::dot_q8_multi(row, xs, o) };
             }
             return;

@@ -310,6 +310,17 @@ pub(crate) mod avx512 {
     static LEVELS_Q8: [[u8; 64]; 2] = [level_table(Q8_OFFSET, 0), level_table(Q8_OFFSET, 1)];
     /// `w` (i8) for the f32 path.
     static LEVELS_I8: [[u8; 64]; 2] = [level_table(0, 0), level_table(0, 1)];
+    /// `|w|` (u8) for the prefill kernel, which takes the sign as a mask.
+    static LEVELS_MAG: [[u8; 64]; 2] = [mag_table(0), mag_table(1)];
+    const fn mag_table(h: usize) -> [u8; 64] {
+        let mut t = [0u8; 64];
+        let mut i = 0;
+        while i < 64 {
+            t[i] = [8u8, 25, 43, 0][(i >> (3 * h)) & 3];
+            i += 1;
+        }
+        t
+    }
     /// Scale words for `packs(dot_r, dot_r+1)` (r = 0 → `[0]`, r = 2 → `[1]`):
     /// word j (128-bit lane L = j/8, p = j%8) comes from dword 4L + p%4 of
     /// dot_{r + p/4}, i.e. group 2(r + p/4) + L/2, whose scale is word 0 of
@@ -564,29 +575,73 @@ pub(crate) mod avx512 {
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
     }
 
-    /// One token's activations for [`dot_q8_multi`]: Q8_K scales, quants and
-    /// their [`q8_bias`].
-    pub type Q8Acts<'a> = (&'a [f32], &'a [i8], &'a [i32]);
+    /// A block decoded for several tokens: magnitudes and sign masks of the
+    /// four 64-value parts, and the group-scale words.
+    struct DecodedMasked {
+        mag: [__m512i; 4],
+        neg: [__mmask64; 4],
+        w: [__m512i; 2],
+    }
+
+    /// [`decode`] with `|w|` and a sign mask instead of `Q8_OFFSET + w`
+    /// (`t` from `tabs(&LEVELS_MAG)`): the prefill kernel negates each token's
+    /// quants under the mask, so it needs no per-token [`q8_bias`] (which
+    /// would double the activation bytes a tile of tokens keeps in L1).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
+    unsafe fn decode_masked(b: *const u8, t: &Tabs) -> DecodedMasked {
+        let (ls, hi, q) = codes(b, t);
+        let scales = _mm512_or_si512(_mm512_srli_epi64(q, 59), _mm512_set1_epi64(1));
+        let mut mag = [_mm512_setzero_si512(); 4];
+        let mut neg = [0; 4];
+        for u in 0..2 {
+            let idx = _mm512_gf2p8affine_epi64_epi8::<0>(t.onehot, _mm512_permutex2var_epi8(ls, t.sub[u], hi));
+            mag[2 * u] = _mm512_permutexvar_epi8(idx, t.levels[0]);
+            mag[2 * u + 1] = _mm512_permutexvar_epi8(idx, t.levels[1]);
+            neg[2 * u] = _mm512_test_epi8_mask(idx, _mm512_set1_epi8(0x04));
+            neg[2 * u + 1] = _mm512_test_epi8_mask(idx, _mm512_set1_epi8(0x20));
+        }
+        DecodedMasked { mag, neg, w: [_mm512_permutexvar_epi16(t.sc[0], scales), _mm512_permutexvar_epi16(t.sc[1], scales)] }
+    }
+
+    /// [`apply_q8`] of a [`DecodedMasked`] block: the same 16 i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
+    unsafe fn apply_masked(dec: &DecodedMasked, q8: *const i8) -> __m512i {
+        let zero = _mm512_setzero_si512();
+        let mut dots = [zero; 4];
+        for (r, dot) in dots.iter_mut().enumerate() {
+            let a = ld(q8.add(64 * r) as *const u8);
+            let a = _mm512_mask_sub_epi8(a, dec.neg[r], zero, a);
+            *dot = _mm512_dpbusd_epi32(zero, dec.mag[r], a);
+        }
+        let mut sumi = zero;
+        for h in 0..2 {
+            let p = _mm512_packs_epi32(dots[2 * h], dots[2 * h + 1]);
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p, dec.w[h]));
+        }
+        sumi
+    }
 
     /// Most tokens [`dot_q8_multi`] takes at once.
     pub const MULTI_MAX: usize = 8;
 
-    /// [`dot_q8`] of one row against up to [`MULTI_MAX`] tokens `(d, qs, bias)`,
+    /// [`dot_q8`] of one row against up to [`MULTI_MAX`] tokens `(d, qs)`,
     /// decoding each weight block once (prefill). `out[k]` is bitwise equal
-    /// to `dot_q8(row, xs[k].0, xs[k].1, xs[k].2)`.
+    /// to `dot_q8(row, xs[k].0, xs[k].1, bias)` (same integer lanes).
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
-    pub unsafe fn dot_q8_multi(row: &[u8], xs: &[Q8Acts], out: &mut [f32]) {
+    pub unsafe fn dot_q8_multi(row: &[u8], xs: &[(&[f32], &[i8])], out: &mut [f32]) {
         let n = xs.len().min(MULTI_MAX).min(out.len());
-        let t = tabs(&LEVELS_Q8);
+        let t = tabs(&LEVELS_MAG);
         let mut acc = [[_mm512_setzero_ps(); 2]; MULTI_MAX];
         let nb = row.len() / BLOCK_BYTES;
         for i in 0..nb {
             let b = row.as_ptr().add(i * BLOCK_BYTES);
             prefetch_block(b, BLOCK_BYTES);
             let dw = f16_1(u16::from_le_bytes([*b, *b.add(1)]));
-            let dec = decode(b, &t);
-            for (k, &(xd, xq, bias)) in xs[..n].iter().enumerate() {
-                let s = apply_q8(&dec, xq.as_ptr().add(i * QK), bias.as_ptr().add(i * QK / 4));
+            let dec = decode_masked(b, &t);
+            for (k, &(xd, xq)) in xs[..n].iter().enumerate() {
+                let s = apply_masked(&dec, xq.as_ptr().add(i * QK));
                 let a = &mut acc[k][i % 2];
                 *a = _mm512_fmadd_ps(_mm512_set1_ps(xd[i] * dw * 0.125), _mm512_cvtepi32_ps(s), *a);
             }
