@@ -208,10 +208,12 @@ pub fn dot_q8_at(ty: GgmlType, row: &[u8], a: &QuantizedActs, level: SimdLevel) 
             q4_k::dot_q8_scalar(row, &q.d, &q.qs, &q.bsums)
         }
         (ActBlocks::Q8K(q), GgmlType::IQ2_XXS) => {
+            // iq2_bias is empty when the activations were prepared for another
+            // Q8_K weight type; the AVX2 kernel needs none.
             #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
-            if avx512 {
-                // SAFETY: AVX-512 F/BW/VBMI/VNNI/GFNI + AVX2 present (clamp_level),
-                // so quantize_acts filled iq2_bias (q.qs.len() / 4 lanes).
+            if avx512 && a.iq2_bias.len() * 4 == q.qs.len() {
+                // SAFETY: AVX-512 F/BW/VBMI/VNNI/GFNI + AVX2 present (clamp_level);
+                // row, d, qs and iq2_bias cover the same number of blocks.
                 return unsafe { iq2_xxs::avx512::dot_q8(row, &q.d, &q.qs, &a.iq2_bias) };
             }
             #[cfg(target_arch = "x86_64")]
