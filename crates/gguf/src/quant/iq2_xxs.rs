@@ -243,14 +243,16 @@ pub(crate) fn q8_bias(qs: &[i8]) -> Vec<i32> {
 /// byte permutes instead of 64 scalar table loads. Grid rows become two bit
 /// planes of their level codes through `vpermi2b` lookups in
 /// [`GRID_PLANES`] (8 registers), sign rows through one `vpermi2b` in
-/// `ksigns`; per 64 weights one `vpermt2b` gathers (plane 0, plane 1, signs)
-/// of each 8-value row into bytes 7, 6, 5 of a qword, one `vgf2p8affineqb`
-/// with that qword as the bit matrix transposes it (byte m = code and sign
-/// of value m in bits 0..2), and one `vpermb` maps that to the unsigned
-/// weight `Q8_OFFSET ± level` (q8 path) or the signed weight (f32 path).
-/// With the sign inside the lookup there is no mask and no negation of the
-/// activations (vpshufbitqmb + masked vpsubb were ~4 of ~38 cycles a block
-/// on Zen 4; the byte-granular gather of the sign would not fit otherwise).
+/// `ksigns` (`dot_q8` does both for two blocks at once); per 128 weights one
+/// `vpermt2b` gathers (plane 0, plane 1, signs) of two 8-value rows into
+/// bytes 7, 6, 5 and 4, 3, 2 of a qword, one `vgf2p8affineqb` with that
+/// qword as the bit matrix transposes it (byte m = code and sign of value m
+/// of the two rows in bits 0..2 and 3..5), and one `vpermb` per row maps
+/// that to the unsigned weight `Q8_OFFSET ± level` (q8 path), the signed
+/// weight (f32 path) or the magnitude (prefill, which keeps a sign mask).
+/// With the sign inside the lookup the q8 path needs no mask and no
+/// negation of the activations (vpshufbitqmb + masked vpsubb were ~4 of ~38
+/// cycles a block on Zen 4).
 #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
 #[allow(clippy::incompatible_msrv)] // only built with Rust ≥ 1.89 (build.rs)
 pub(crate) mod avx512 {
