@@ -117,6 +117,9 @@ pub struct QuantizedActs {
     weight_ty: GgmlType,
     x: Vec<f32>,
     blocks: ActBlocks,
+    /// IQ2_XXS with the AVX-512 kernel: `iq2_xxs::q8_bias` of the Q8_K
+    /// quants (its `vpdpbusd` start values); empty otherwise.
+    iq2_bias: Vec<i32>,
 }
 
 impl QuantizedActs {
@@ -158,7 +161,11 @@ pub fn quantize_acts(weight_ty: GgmlType, x: &[f32]) -> QuantizedActs {
         GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS => ActBlocks::Q8K(quant::quantize_acts_q8_k(x)),
         _ => ActBlocks::Float,
     };
-    QuantizedActs { weight_ty, x: x.to_vec(), blocks }
+    let iq2_bias = match &blocks {
+        ActBlocks::Q8K(q) if weight_ty == GgmlType::IQ2_XXS && quant::avx512_available() => iq2_xxs::q8_bias(&q.qs),
+        _ => Vec::new(),
+    };
+    QuantizedActs { weight_ty, x: x.to_vec(), blocks, iq2_bias }
 }
 
 /// Integer dot of one weight row with prepared activations (SIMD if `simd`:
@@ -201,10 +208,13 @@ pub fn dot_q8_at(ty: GgmlType, row: &[u8], a: &QuantizedActs, level: SimdLevel) 
             q4_k::dot_q8_scalar(row, &q.d, &q.qs, &q.bsums)
         }
         (ActBlocks::Q8K(q), GgmlType::IQ2_XXS) => {
+            // iq2_bias is empty when the activations were prepared for another
+            // Q8_K weight type; the AVX2 kernel needs none.
             #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
-            if avx512 {
-                // SAFETY: AVX-512 F/BW/VBMI/VNNI + AVX2 present (clamp_level).
-                return unsafe { iq2_xxs::avx512::dot_q8(row, &q.d, &q.qs) };
+            if avx512 && a.iq2_bias.len() * 4 == q.qs.len() {
+                // SAFETY: AVX-512 F/BW/VBMI/VNNI/GFNI + AVX2 present (clamp_level);
+                // row, d, qs and iq2_bias cover the same number of blocks.
+                return unsafe { iq2_xxs::avx512::dot_q8(row, &q.d, &q.qs, &a.iq2_bias) };
             }
             #[cfg(target_arch = "x86_64")]
             if avx2 {
@@ -227,7 +237,7 @@ fn dot_q8_tile(ty: GgmlType, row: &[u8], xq: &[QuantizedActs], level: SimdLevel,
         let acts: Option<Vec<(&[f32], &[i8])>> = xq.iter().map(|a| a.q8_k().map(|q| (&q.d[..], &q.qs[..]))).collect();
         if let Some(acts) = acts {
             for (xs, o) in acts.chunks(iq2_xxs::avx512::MULTI_MAX).zip(out.chunks_mut(iq2_xxs::avx512::MULTI_MAX)) {
-                // SAFETY: AVX-512 F/BW/VBMI/VNNI/BITALG + AVX2 present (clamp_level);
+                // SAFETY: AVX-512 F/BW/VBMI/VNNI/GFNI + AVX2 present (clamp_level);
                 // every activation set holds row.len() / 66 blocks (checked by the caller).
                 unsafe { iq2_xxs::avx512::dot_q8_multi(row, xs, o) };
             }

@@ -279,3 +279,23 @@ fn matmul_q8_tiles_match_matvec_q8() {
         }
     }
 }
+
+/// Q8_K activations prepared for another K-quant still work with IQ2_XXS
+/// weights at every level (the AVX-512 kernel's per-activation offsets are
+/// only prepared for IQ2_XXS; without them the dot falls back to AVX2).
+#[test]
+fn iq2_xxs_with_acts_prepared_for_other_q8k_types() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let n = 3 * 256;
+    let row = random_blocks(GgmlType::IQ2_XXS, 3, &mut rng);
+    let x: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+    let own = quantize_acts(GgmlType::IQ2_XXS, &x);
+    for other in [GgmlType::Q2_K, GgmlType::Q4_K] {
+        let acts = quantize_acts(other, &x);
+        for &level in &levels_available() {
+            let a = dot_q8_at(GgmlType::IQ2_XXS, &row, &acts, level) as f64;
+            let b = dot_q8_at(GgmlType::IQ2_XXS, &row, &own, level) as f64;
+            assert!(close(a, b, b.abs().max(1e-3), 1e-5), "{other} acts at {level:?}: {a} vs {b}");
+        }
+    }
+}

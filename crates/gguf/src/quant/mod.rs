@@ -2,7 +2,7 @@
 //!
 //! One file per format; each has a scalar reference and (on x86-64) an AVX2
 //! variant chosen at run time (see [`simd`]; `DSV4_NO_SIMD=1` forces scalar).
-//! IQ2_XXS also has an AVX-512 (VBMI/VNNI/BITALG) variant, used where the CPU
+//! IQ2_XXS also has an AVX-512 (VBMI/VNNI/GFNI) variant, used where the CPU
 //! has it (`DSV4_NO_AVX512=1` keeps AVX2); [`SimdLevel`] selects explicitly.
 //! Dequantisation is scalar only: it is not on the inference hot path and is
 //! the bit-exact reference the tests compare against gguf-py.
@@ -95,7 +95,7 @@ pub fn dot_f32_at(ty: GgmlType, row: &[u8], x: &[f32], level: SimdLevel) -> f32 
     let level = simd::clamp_level(level);
     #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
     if level == SimdLevel::Avx512 {
-        // SAFETY: the CPU supports AVX-512 F/BW/VBMI/VNNI + AVX2/FMA/F16C (clamp_level); lengths are consistent.
+        // SAFETY: the CPU supports AVX-512 F/BW/VBMI/VNNI/GFNI + AVX2/FMA/F16C (clamp_level); lengths are consistent.
         if ty == GgmlType::IQ2_XXS {
             return unsafe { iq2_xxs::avx512::dot(row, x) };
         }

@@ -17,7 +17,7 @@ pub fn simd_enabled() -> bool {
     })
 }
 
-/// Instruction-set level of a kernel. `Avx512` means AVX-512 F/BW/VBMI/VNNI/BITALG
+/// Instruction-set level of a kernel. `Avx512` means AVX-512 F/BW/VBMI/VNNI and GFNI
 /// (Ice Lake / Zen 4 and later) on top of AVX2+FMA+F16C; formats without an
 /// AVX-512 kernel fall back to their AVX2 kernel at that level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -82,7 +82,7 @@ pub fn clamp_level(level: SimdLevel) -> SimdLevel {
     }
 }
 
-/// Whether the CPU supports the AVX-512 kernels (F, BW, VBMI, VNNI, BITALG and the AVX2 set);
+/// Whether the CPU supports the AVX-512 kernels (F, BW, VBMI, VNNI, GFNI and the AVX2 set);
 /// always false when the crate was built by a compiler older than Rust 1.89.
 pub fn avx512_available() -> bool {
     #[cfg(all(target_arch = "x86_64", dsv4_avx512))]
@@ -94,7 +94,7 @@ pub fn avx512_available() -> bool {
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vbmi")
                 && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx512bitalg")
+                && is_x86_feature_detected!("gfni")
         })
     }
     #[cfg(not(all(target_arch = "x86_64", dsv4_avx512)))]
