@@ -904,8 +904,9 @@ fn q8_quant_and_matvec_match_cpu() {
             launch!(g, "mqp2_iq2_xxs", (rows.div_ceil(8) as u32, (n_tok * k) as u32, 1), (256, 1, 1), 0;
                 dw.ptr, rb as u64, rows as i32, cols as i32, dq.ptr, cols as i32, dd.ptr, (cols / blk) as i32, y1.ptr, rows as i32,
                 de.ptr, (rows * rb) as u64, k as i32, dw2.ptr, y2.ptr).unwrap();
-            assert!(rel_err(&g.read_f32(y1.ptr, want.len()).unwrap(), &want) < 1e-5, "IQ2_XXS pair2, first");
-            assert!(rel_err(&g.read_f32(y2.ptr, want.len()).unwrap(), &want2) < 1e-5, "IQ2_XXS pair2, second");
+            let (p1, p2) = (g.read_f32(y1.ptr, want.len()).unwrap(), g.read_f32(y2.ptr, want.len()).unwrap());
+            assert!(rel_err(&p1, &want) < 1e-5, "IQ2_XXS pair2, first");
+            assert!(rel_err(&p2, &want2) < 1e-5, "IQ2_XXS pair2, second");
         }
         // grouped tiles over expert-sorted slots (prefill MoE)
         let slots = n_tok * k;
@@ -946,7 +947,8 @@ fn persistent_q8_0_matvec_matches_cpu() {
     let ty = GgmlType::Q8_0;
     // (rows of whole 16-byte units: cols a multiple of 256; 1280 and 2560 end
     // in a part batch, 4352 in a part chunk)
-    for &(rows, cols) in &[(1usize, 256usize), (7, 768), (33, 512), (19, 2560), (301, 4352), (45, 1280), (9, 8192)] {
+    // (even rows with cols <= 1024 also take the two-rows-per-batch kernel)
+    for &(rows, cols) in &[(1usize, 256usize), (7, 768), (33, 512), (19, 2560), (301, 4352), (45, 1280), (9, 8192), (8, 256), (34, 1024), (6, 768)] {
         let rb = ty.row_bytes(cols).unwrap();
         let (n_exp, k, n_tok) = (3usize, 2usize, 2usize);
         let w = random_rows(&mut rng, ty, rows * n_exp, cols);
@@ -968,8 +970,12 @@ fn persistent_q8_0_matvec_matches_cpu() {
         let (yref_wide, yref_short) = (per_row("mq_q8_0_1"), per_row("mq_q8_0s_1"));
         let eids: Vec<i32> = (0..n_tok * k).map(|_| rng.gen_range(0..n_exp as i32)).collect();
         let iota: Vec<i32> = (0..n_tok * k).map(|s| (s % n_exp) as i32).collect();
-        for (name, yref) in [("mq1p_q8_0", &yref_wide), ("mq1p_q8_0s", &yref_short)] {
-            for grid in [1u32, 3, rows.div_ceil(8) as u32] {
+        let mut kernels = vec![("mq1p_q8_0", &yref_wide, 1usize), ("mq1p_q8_0s", &yref_short, 1)];
+        if rows % 2 == 0 && cols <= 1024 {
+            kernels.push(("mq1p_q8_0s2", &yref_short, 2));
+        }
+        for (name, yref, rpi) in kernels {
+            for (grid, early) in [(1u32, 1i32), (3, 0), ((rows / rpi).div_ceil(8) as u32, 1)] {
                 // (slots, x_group arg, ids, pair)
                 let cases: Vec<(usize, i32, Option<&Vec<i32>>, bool)> =
                     vec![(1, 1, None, false), (1, 1, None, true), (n_tok * k, k as i32, Some(&eids), false), (n_tok * k, -(k as i32), Some(&iota), true)];
@@ -977,11 +983,11 @@ fn persistent_q8_0_matvec_matches_cpu() {
                     let de = ids.map(|v| g.upload(v).unwrap());
                     let ep = de.as_ref().map(|b| b.ptr).unwrap_or(0);
                     let (y1, y2) = (g.upload(&vec![f32::NAN; slots * rows]).unwrap(), g.upload(&vec![f32::NAN; slots * rows]).unwrap());
-                    // (as forward.rs: 8 warps x (a batch of 4 chunks + 16 spare bytes))
-                    let smem = 8 * (4 * if name.ends_with('s') { 8 } else { 16 } * 34 + 16);
+                    // (as forward.rs: 8 warps x (a batch of 4 chunks of rpi rows + 16 spare bytes))
+                    let smem = (8 * (rpi * 4 * if name.contains("0s") { 8 } else { 16 } * 34 + 16)) as u32;
                     launch!(g, name, (grid, 1, 1), (256, 1, 1), smem;
                         dw.ptr, rb as u64, rows as i32, cols as i32, dq.ptr, cols as i32, dd.ptr, (cols / 32) as i32, y1.ptr, rows as i32,
-                        slots as i32, ep, (rows * rb) as u64, xg, if pair { dw2.ptr } else { 0u64 }, if pair { y2.ptr } else { 0u64 }).unwrap();
+                        slots as i32, ep, (rows * rb) as u64, xg, if pair { dw2.ptr } else { 0u64 }, if pair { y2.ptr } else { 0u64 }, early).unwrap();
                     let got1 = g.read_f32(y1.ptr, slots * rows).unwrap();
                     let got2 = g.read_f32(y2.ptr, slots * rows).unwrap();
                     let (mut want1, mut want2) = (vec![0.0f32; slots * rows], vec![0.0f32; slots * rows]);
@@ -999,7 +1005,7 @@ fn persistent_q8_0_matvec_matches_cpu() {
                         }
                     }
                     // (the CPU adds a long row's block terms in another order)
-                    let what = format!("{name} grid {grid} rows {rows} cols {cols} slots {slots} pair {pair}");
+                    let what = format!("{name} grid {grid} early {early} rows {rows} cols {cols} slots {slots} pair {pair}");
                     assert!(rel_err(&got1, &want1) < 1e-5, "{what}");
                     if pair {
                         assert!(rel_err(&got2, &want2) < 1e-5, "{what}: second matrix");

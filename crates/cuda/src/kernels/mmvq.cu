@@ -615,10 +615,10 @@ extern "C" __global__ void mqp2_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_byt
 // (T_Q8_0: chunk 16 blocks, lane -> block lane/2, 16 values; T_Q8_0S: chunk
 // 8 blocks, lane -> block lane/4, 8 values), so results equal the per-row
 // kernels bit for bit. x is read from global memory (L1) as there.
-template <int CB>
+template <int CB, int RPI = 1>
 struct Q8V {
-    static const int BATCH = MQ_U * CB * 34;    // bytes per batch of MQ_U chunks
-    static const int NV = (BATCH / 16 + 31) / 32;  // 16-byte loads per lane
+    static const int BATCH = RPI * MQ_U * CB * 34;  // bytes per batch: MQ_U chunks of RPI rows
+    static const int NV = (BATCH / 16 + 31) / 32;    // 16-byte loads per lane
 };
 
 __device__ __forceinline__ uint4 ldg_stream(const void* p) {
@@ -627,23 +627,24 @@ __device__ __forceinline__ uint4 ldg_stream(const void* p) {
     return r;
 }
 
-template <int CB>
-__device__ __forceinline__ void q8v_load(uint4 (&R)[Q8V<CB>::NV], const u8* wr, u64 row_bytes, int bt, int lane) {
-    u64 off0 = (u64)bt * Q8V<CB>::BATCH;
+// (span: the bytes of the item: its row, or its RPI consecutive rows)
+template <int CB, int RPI>
+__device__ __forceinline__ void q8v_load(uint4 (&R)[Q8V<CB, RPI>::NV], const u8* wr, u64 span, int bt, int lane) {
+    u64 off0 = (u64)bt * Q8V<CB, RPI>::BATCH;
 #pragma unroll
-    for (int v = 0; v < Q8V<CB>::NV; v++) {
+    for (int v = 0; v < Q8V<CB, RPI>::NV; v++) {
         int i = v * 32 + lane;
         u64 off = off0 + (u64)i * 16;
-        R[v] = (i < Q8V<CB>::BATCH / 16 && off < row_bytes) ? ldg_stream(wr + off) : make_uint4(0, 0, 0, 0);
+        R[v] = (i < Q8V<CB, RPI>::BATCH / 16 && off < span) ? ldg_stream(wr + off) : make_uint4(0, 0, 0, 0);
     }
 }
 
-template <int CB>
-__device__ __forceinline__ void q8v_store(const uint4 (&R)[Q8V<CB>::NV], u8* buf, int lane) {
+template <int CB, int RPI>
+__device__ __forceinline__ void q8v_store(const uint4 (&R)[Q8V<CB, RPI>::NV], u8* buf, int lane) {
 #pragma unroll
-    for (int v = 0; v < Q8V<CB>::NV; v++) {
+    for (int v = 0; v < Q8V<CB, RPI>::NV; v++) {
         int i = v * 32 + lane;
-        if (i < Q8V<CB>::BATCH / 16) ((uint4*)buf)[i] = R[v];
+        if (i < Q8V<CB, RPI>::BATCH / 16) ((uint4*)buf)[i] = R[v];
     }
 }
 
@@ -679,25 +680,32 @@ __device__ __forceinline__ void q8v_dot(const u8* buf, const i8* xq, const float
 
 // y[s][r] = W_s xq[s / x_group] for the flattened f = s * rows + r, s <
 // slots (W2 set: as many slots more with W2 / y2, same x). x_group < 0: eids
-// are constants (as mq_body). Dynamic shared memory: 8 warps x BATCH bytes
-// (+ 8 spare: the last block's fifth word).
-template <int CB>
+// are constants (as mq_body); early: load the first batch before the PDL
+// wait (a flood of weight loads also slows the kernel it overlaps, so the
+// host chooses: 0 none, 1 every warp, 2 half of them). RPI == 2 (short rows of one batch, rows even): an item is
+// two consecutive rows (contiguous bytes), loaded as one batch of twice the
+// bytes, so a warp keeps as many bytes in flight as with long rows.
+// Dynamic shared memory: 8 warps x (BATCH + 16) bytes (the 16: the last
+// block's fifth word).
+template <int CB, int RPI>
 __device__ __forceinline__ void mq1p_body(const u8* W, u64 row_bytes, int rows, int cols, const i8* xq, int xqs, const float* xd, int xds,
-                                          float* y, int ys, int slots, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2) {
+                                          float* y, int ys, int slots, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2,
+                                          int early_ok) {
     extern __shared__ __align__(16) u8 mq1p_sh[];
     bool static_eids = x_group < 0;
     if (static_eids) x_group = -x_group;
     int lane = threadIdx.x & 31, wp = threadIdx.x >> 5;
-    u8* buf = mq1p_sh + wp * (Q8V<CB>::BATCH + 16);
+    u8* buf = mq1p_sh + wp * (Q8V<CB, RPI>::BATCH + 16);
     int nb = cols / 32;
-    int nbat = (nb + MQ_U * CB - 1) / (MQ_U * CB);
+    int nbat = RPI == 1 ? (nb + MQ_U * CB - 1) / (MQ_U * CB) : 1;
     int S = W2 ? 2 * slots : slots;
-    int F = S * rows;
+    int F = S * rows / RPI;  // items
     int NW = gridDim.x * (blockDim.x >> 5);
     int f = blockIdx.x * (blockDim.x >> 5) + wp, bt = 0;
-    // weight row of flattened row ff
+    // first weight row of item ff
     auto row_ptr = [&](int ff) -> const u8* {
-        int s = ff / rows, r = ff - s * rows;
+        int fr = ff * RPI;
+        int s = fr / rows, r = fr - s * rows;
         const u8* M = W;
         if (s >= slots) {
             M = W2;
@@ -706,32 +714,38 @@ __device__ __forceinline__ void mq1p_body(const u8* W, u64 row_bytes, int rows, 
         if (eids) M += (u64)eids[s] * expert_bytes;
         return M + (u64)r * row_bytes;
     };
-    uint4 R[Q8V<CB>::NV];
-    bool early = DSV4_EARLY && (!eids || static_eids);
-    if (early && f < F) q8v_load<CB>(R, row_ptr(f), row_bytes, 0, lane);
+    const u64 span = row_bytes * RPI;
+    uint4 R[Q8V<CB, RPI>::NV];
+    // (early_ok 2: only half the warps, a smaller flood)
+    bool early = (early_ok == 1 || (early_ok == 2 && wp < 4)) && (!eids || static_eids);
+    if (early && f < F) q8v_load<CB, RPI>(R, row_ptr(f), span, 0, lane);
     pdl_prologue();
-    if (!early && f < F) q8v_load<CB>(R, row_ptr(f), row_bytes, 0, lane);
+    if (!early && f < F) q8v_load<CB, RPI>(R, row_ptr(f), span, 0, lane);
     float acc = 0.f;
     while (f < F) {
         __syncwarp();
-        q8v_store<CB>(R, buf, lane);
+        q8v_store<CB, RPI>(R, buf, lane);
         __syncwarp();
         int f2 = f, bt2 = bt + 1;
         if (bt2 == nbat) {
             bt2 = 0;
             f2 += NW;
         }
-        if (f2 < F) q8v_load<CB>(R, row_ptr(f2), row_bytes, bt2, lane);
-        int s = f / rows;
-        int sx = (s >= slots ? s - slots : s) / x_group;
-        q8v_dot<CB>(buf, xq + (u64)sx * xqs, xd + (u64)sx * xds, nb, bt, lane, acc);
-        if (bt == nbat - 1) {
-            float v = warp_sum(acc);
-            acc = 0.f;
-            if (lane == 0) {
-                int r = f - s * rows;
-                if (s >= slots) y2[(u64)(s - slots) * ys + r] = v;
-                else y[(u64)s * ys + r] = v;
+        if (f2 < F) q8v_load<CB, RPI>(R, row_ptr(f2), span, bt2, lane);
+#pragma unroll
+        for (int j = 0; j < RPI; j++) {
+            int fr = f * RPI + j;
+            int s = fr / rows;
+            int sx = (s >= slots ? s - slots : s) / x_group;
+            q8v_dot<CB>(buf + j * row_bytes, xq + (u64)sx * xqs, xd + (u64)sx * xds, nb, bt, lane, acc);
+            if (bt == nbat - 1) {
+                float v = warp_sum(acc);
+                acc = 0.f;
+                if (lane == 0) {
+                    int r = fr - s * rows;
+                    if (s >= slots) y2[(u64)(s - slots) * ys + r] = v;
+                    else y[(u64)s * ys + r] = v;
+                }
             }
         }
         f = f2;
@@ -739,10 +753,11 @@ __device__ __forceinline__ void mq1p_body(const u8* W, u64 row_bytes, int rows, 
     }
 }
 
-#define MQ1P_KERNEL(NAME, CB)                                                                                                 \
+#define MQ1P_KERNEL(NAME, CB, RPI)                                                                                            \
     extern "C" __global__ void __launch_bounds__(256) NAME(MQ_ARGS, int slots, const int* eids, u64 expert_bytes, int x_group, \
-                                                            const u8* W2, float* y2) PDL_MANUAL {                              \
-        mq1p_body<CB>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, slots, eids, expert_bytes, x_group, W2, y2);          \
+                                                            const u8* W2, float* y2, int early) PDL_MANUAL {                   \
+        mq1p_body<CB, RPI>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, slots, eids, expert_bytes, x_group, W2, y2, early); \
     }
-MQ1P_KERNEL(mq1p_q8_0, 16)
-MQ1P_KERNEL(mq1p_q8_0s, 8)
+MQ1P_KERNEL(mq1p_q8_0, 16, 1)
+MQ1P_KERNEL(mq1p_q8_0s, 8, 1)
+MQ1P_KERNEL(mq1p_q8_0s2, 8, 2)

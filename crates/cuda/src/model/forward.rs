@@ -11,6 +11,27 @@ fn attn_split_max() -> usize {
     *V.get_or_init(|| std::env::var("DSV4_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(16).clamp(1, MAX_SPLIT))
 }
 
+/// Persistent matvecs load their first weights before the PDL wait (env
+/// DSV4_EARLY=0: never, for A/B runs).
+/// DSV4_EARLY=2: half the warps, for A/B runs; the kernel's `early` argument).
+fn early_all() -> i32 {
+    static V: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("DSV4_EARLY").ok().and_then(|v| v.parse().ok()).unwrap_or(1))
+}
+/// The early-load mode a call asks for, as the global knob allows.
+fn early_mode(asked: i32) -> i32 {
+    match (early_all(), asked) {
+        (0, _) | (_, 0) => 0,
+        (2, _) => 2,
+        (_, a) => a,
+    }
+}
+/// ... and for o_a (env DSV4_OA_EARLY, same values).
+fn oa_early() -> i32 {
+    static V: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("DSV4_OA_EARLY").ok().and_then(|v| v.parse().ok()).unwrap_or(1))
+}
+
 impl GpuModel {
     /// y[t][r] = W x[t] for n tokens (x row stride xs, y row stride ys, in floats).
     /// In 8-bit mode, quantised weights take x quantised on this stream first.
@@ -126,7 +147,7 @@ impl GpuModel {
 
     /// y[t][r] = W xq[t] (8-bit activations) for n tokens.
     pub(crate) fn mvq(&self, w: MatRef, qa: QAct, y: u64, ys: usize, n: usize) -> Result<()> {
-        if n == 1 && self.mq1p(w, None, qa, 1, y, 0, ys, 1, 0)? {
+        if n == 1 && self.mq1p(w, None, qa, 1, y, 0, ys, 1, 0, 1)? {
             return Ok(());
         }
         let suffix = Self::mq_suffix(&w)?;
@@ -149,7 +170,10 @@ impl GpuModel {
     /// Expert matvec with 8-bit activations: y[s] = W[eids[s]] xq[s / x_group].
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn mvq_experts(&self, w: MatRef, qa: QAct, x_group: usize, y: u64, ys: usize, slots: usize, eids: u64) -> Result<()> {
-        if self.mq1p(w, None, qa, x_group, y, 0, ys, slots, eids)? {
+        // (o_a follows the attention merge, a short latency-bound kernel its
+        // early loads would slow: DSV4_OA_EARLY)
+        let early = if eids == self.s.iota.ptr { oa_early() } else { 1 };
+        if self.mq1p(w, None, qa, x_group, y, 0, ys, slots, eids, early)? {
             return Ok(());
         }
         let suffix = Self::mq_suffix(&w)?;
@@ -164,7 +188,7 @@ impl GpuModel {
     /// into y2). False when it does not apply (other types, x rows that do
     /// not fit shared memory, unaligned input; env DSV4_MQ1P=0 for A/B runs).
     #[allow(clippy::too_many_arguments)]
-    fn mq1p(&self, w: MatRef, w2: Option<MatRef>, qa: QAct, x_group: usize, y: u64, y2: u64, ys: usize, slots: usize, eids: u64) -> Result<bool> {
+    fn mq1p(&self, w: MatRef, w2: Option<MatRef>, qa: QAct, x_group: usize, y: u64, y2: u64, ys: usize, slots: usize, eids: u64, early: i32) -> Result<bool> {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let on = *ON.get_or_init(|| std::env::var("DSV4_MQ1P").map(|v| v != "0").unwrap_or(true));
         // rows copied with aligned 16-byte loads; x read as int4s
@@ -173,23 +197,32 @@ impl GpuModel {
             return Ok(false);
         }
         // per warp: a batch of 4 chunks of 16 (short rows: 8) blocks of 34
-        // bytes, and 16 spare bytes (8 warps per block)
+        // bytes, and 16 spare bytes (8 warps per block); short rows of one
+        // batch and an even count: two rows per batch
         let short = w.cols / 32 < 64;
-        let name = if short { "mq1p_q8_0s" } else { "mq1p_q8_0" };
-        let smem = 8 * (4 * if short { 8 } else { 16 } * 34 + 16);
-        let total = slots * if w2.is_some() { 2 } else { 1 } * w.rows;
+        static TWO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let two_on = *TWO.get_or_init(|| std::env::var("DSV4_MQ1P_TWO").map(|v| v != "0").unwrap_or(true));
+        let two = two_on && short && w.cols / 32 <= 32 && w.rows % 2 == 0;
+        let (name, batch) = if two { ("mq1p_q8_0s2", 2 * 4 * 8 * 34) } else if short { ("mq1p_q8_0s", 4 * 8 * 34) } else { ("mq1p_q8_0", 4 * 16 * 34) };
+        let smem = 8 * (batch + 16);
+        let total = slots * if w2.is_some() { 2 } else { 1 } * w.rows / if two { 2 } else { 1 };
         // (DSV4_MQ1P_BPS: at most that many blocks per SM, leaving room for
         // the side branches; an experiment knob)
         static BPS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
         let knob = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(u32::MAX);
         let (main_bps, side_bps) = *BPS.get_or_init(|| (knob("DSV4_MQ1P_BPS"), knob("DSV4_SIDE_BPS")));
         let bps = if self.gpu.cur_index() == 0 { main_bps } else { side_bps };
-        let fit = self.gpu.resident_blocks(name, 256, smem as u32)?.min(self.gpu.sms.saturating_mul(bps)).max(1);
+        // (DSV4_MQ1P_FREE: block slots the main-stream grids leave free, so
+        // a side branch's small kernels are not locked out until they end)
+        static FREE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let free = *FREE.get_or_init(|| std::env::var("DSV4_MQ1P_FREE").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
+        let free = if self.gpu.cur_index() == 0 { free } else { 0 };
+        let fit = self.gpu.resident_blocks(name, 256, smem as u32)?.min(self.gpu.sms.saturating_mul(bps)).saturating_sub(free).max(1);
         let grid = (total.div_ceil(8) as u32).min(fit);
         let (w2p, y2p) = w2.map(|m| (m.ptr, y2)).unwrap_or((0, 0));
         launch!(self.gpu, name, (grid, 1, 1), (256, 1, 1), smem as u32;
             w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32,
-            y, ys as i32, slots as i32, eids, w.expert_bytes(), self.xg_arg(x_group, eids), w2p, y2p)?;
+            y, ys as i32, slots as i32, eids, w.expert_bytes(), self.xg_arg(x_group, eids), w2p, y2p, early_mode(early))?;
         Ok(true)
     }
 
@@ -202,7 +235,7 @@ impl GpuModel {
         if w1.ty != w2.ty || w1.rows != w2.rows || w1.cols != w2.cols || w1.row_bytes != w2.row_bytes {
             return Err(CudaError::Unsupported("paired products need equal shapes".into()));
         }
-        if self.mq1p(w1, Some(w2), qa, x_group, y1, y2, ys, slots, eids)? {
+        if self.mq1p(w1, Some(w2), qa, x_group, y1, y2, ys, slots, eids, 1)? {
             return Ok(());
         }
         let rpb = Self::mq_grid(&w1).1;
