@@ -21,6 +21,29 @@ extern "C" __global__ void router(const float* logits, int ne, int k, const floa
     int lane = threadIdx.x;
     if (tid2eid) {
         if (lane < k) ids[lane] = tid2eid[(u64)tok[t] * k + lane];
+    } else if (ne <= 256) {
+        // the same selection with each lane's (at most 8) biased scores in
+        // registers: no shared-memory round trip per pick (k dependent picks)
+        float bv8[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) bv8[u] = (u * 32 + lane < ne) ? bs[u * 32 + lane] : NEG_INF;
+        for (int j = 0; j < k; j++) {
+            float bv = NEG_INF;
+            int bi = 0x7fffffff;
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                if (bv8[u] > bv) { bv = bv8[u]; bi = u * 32 + lane; }  // ascending e: strict > keeps the lower id
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+            }
+            if (lane == 0) ids[j] = bi;
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                if (u * 32 + lane == bi) bv8[u] = NEG_INF;
+        }
     } else {
         for (int j = 0; j < k; j++) {
             float bv = NEG_INF;

@@ -332,11 +332,15 @@ impl GpuModel {
     fn hc_mixes(&self, hc: &GHc, x: u64, n: usize, rows: usize) -> Result<(i32, i32)> {
         let c = &self.cfg;
         let md = c.hc * c.dim;
-        const PARTS: usize = 4;
-        if n == 1 && hc.fn_.ty == GgmlType::F16 && md % 8 == 0 && PARTS * rows <= self.s.n * (2 + c.hc) * c.hc {
-            launch!(self.gpu, "mvks_f16", (rows as u32, PARTS as u32, 1), (256, 1, 1), 0;
+        // (blocks per row; env DSV4_MIX_PARTS for A/B runs, 1..=8: 2 / 4 / 8
+        // measured 7.26 / 7.18-7.20 / 7.14 ms at 4K, q8, one H200; 8 is not yet
+        // through the GPU suite, so 4 stays)
+        static P: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let parts = *P.get_or_init(|| std::env::var("DSV4_MIX_PARTS").ok().and_then(|v| v.parse().ok()).unwrap_or(4usize).clamp(1, 8));
+        if n == 1 && hc.fn_.ty == GgmlType::F16 && md % 8 == 0 && parts * rows <= self.s.n * (2 + c.hc) * c.hc {
+            launch!(self.gpu, "mvks_f16", (rows as u32, parts as u32, 1), (256, 1, 1), 0;
                 hc.fn_.buf.ptr, hc.fn_.row_bytes as u64, md as i32, x, self.s.mixes.ptr, rows as i32)?;
-            return Ok((PARTS as i32, rows as i32));
+            return Ok((parts as i32, rows as i32));
         }
         self.mv(hc.fn_.r(), x, md, self.s.mixes.ptr, rows, n)?;
         Ok((1, 0))
@@ -507,11 +511,11 @@ impl GpuModel {
         // (after an hc_post, that hc_post left this HC's mix partials)
         let jw = self.hc_pre(&b.hc_attn, b.attn_norm.ptr, x, n, q0(b.q_a.ty) || q0(b.kv.ty), Self::is_k(b.q_a.ty) || Self::is_k(b.kv.ty), after_post,
             after_post && self.mix_fused(&b.hc_attn, n))?;
-        self.attention(b, st, n, p0, pp)?;
+        // (the HC weights branch is joined inside, before o_b: a join costs
+        // the next kernel its programmatic launch, cheapest at o_b's input
+        // quantisation; hc_post then follows o_b directly)
+        self.attention(b, st, n, p0, pp, jw)?;
         let f = self.s.f.ptr;
-        if let Some(j) = jw {
-            self.gpu.join(j)?;
-        }
         self.hc_post_with(x, f, n, None, Some(&b.hc_ffn))?;
         let sh_ty = b.shared.as_ref().map(|s| s.0.ty);
         let want0 = q0(b.gate_exps.ty) || sh_ty.is_some_and(q0);
@@ -545,7 +549,7 @@ impl GpuModel {
             pooled, rows, stride as i32, pp, n as i32, cp.d as i32, self.cfg.rope_dim as i32, omega, cp.norm.ptr, self.cfg.rms_eps, r as i32, is_indexer as i32, rope_bf16)
     }
 
-    fn attention(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64) -> Result<()> {
+    fn attention(&self, b: &GBlock, st: &mut GLayerState, n: usize, p0: usize, pp: u64, jw: Option<crate::device::Join>) -> Result<()> {
         let c = self.cfg.clone();
         let (h, hd, rd) = (c.n_heads, c.head_dim, c.rope_dim);
         let omega = self.omega(b.layer);
@@ -688,6 +692,9 @@ impl GpuModel {
             for gi in 0..g {
                 self.mv(b.o_a.r().rows(gi * ro, ro), o + (gi * gw * F) as u64, h * hd, u + (gi * ro * F) as u64, g * ro, n)?;
             }
+        }
+        if let Some(j) = jw {
+            self.gpu.join(j)?;
         }
         self.mv(b.o_b.r(), u, g * ro, f, c.dim, n)
     }
