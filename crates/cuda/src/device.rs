@@ -525,7 +525,7 @@ pub fn full_source() -> String {
     let mut s = String::new();
     // build switches for A/B experiments (part of the source, so of the cache key)
     let flag = |k: &str, default: u32| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(default);
-    s.push_str(&format!("#define DSV4_PF {}\n#define PDL_EARLY {}\n#define DSV4_TRACE {}\n", flag("DSV4_PF", 0), flag("DSV4_PDL_EARLY", 0), flag("DSV4_TRACE", 0)));
+    s.push_str(&format!("#define PDL_EARLY {}\n#define DSV4_TRACE {}\n", flag("DSV4_PDL_EARLY", 0), flag("DSV4_TRACE", 0)));
     s.push_str(include_str!("kernels/common.cuh"));
     s.push_str("\n// global (not __constant__): blocks copy them to shared memory with\n// coalesced loads; constant memory would serialise the per-thread indices\n__device__ u64 IQ2XXS_GRID[256] = {");
     for (i, v) in IQ2XXS_GRID.iter().enumerate() {

@@ -545,6 +545,52 @@ __device__ __forceinline__ void block_scan_excl(int* a, int n, int* ws) {
     __syncthreads();
 }
 
+// Warp 0 of a top-k block (lane l): the bin of the 256-bin histogram of the
+// key byte at `shift` where the count from the top reaches rem. Lane l sums
+// bins 255 - 8l .. 248 - 8l, an inclusive scan over the lanes gives the
+// cumulative counts, the crossing lane walks its 8 and stores the prefix
+// extended by that bin and the rank left inside it.
+__device__ __forceinline__ void topk_find_bin(const u32* hist, int lane, u32 prefix, int shift, int rem, u32* s_prefix, int* s_rem) {
+    int hv[8], ls = 0;
+#pragma unroll
+    for (int u = 0; u < 8; u++) { hv[u] = (int)hist[255 - 8 * lane - u]; ls += hv[u]; }
+    int inc = ls;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += y;
+    }
+    int exc = inc - ls;
+    if (exc < rem && inc >= rem) {
+        int cum = exc;
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            if (cum + hv[u] >= rem) {
+                *s_prefix = prefix | ((u32)(255 - 8 * lane - u) << shift);
+                *s_rem = rem - cum;
+                break;
+            }
+            cum += hv[u];
+        }
+    }
+}
+
+// One chunk (a row per thread, row i, key `key`) of the selected rows in
+// row order, given the threshold key T: keys > T are taken, and of the keys
+// == T the first `rem` in row order (eq_seen: how many earlier chunks held).
+// Called by the whole block; base / eq_seen carry over between chunks.
+__device__ __forceinline__ void topk_emit(u32 key, int i, int v, u32 T, int rem, int* out, int& base, int& eq_seen, int* wsum, int* tot) {
+    bool eq = i < v && key == T;
+    int eq_rank = block_rank(eq, wsum, tot);
+    int eq_tot = *tot;
+    bool take = i < v && (key > T || (eq && eq_seen + eq_rank < rem));
+    int r = block_rank(take, wsum, tot);
+    if (take) out[base + r] = i;
+    base += *tot;
+    eq_seen += eq_tot;
+    __syncthreads();
+}
+
 template <bool CACHED>
 __device__ __forceinline__ void topk_body(const float* sc, int v, int k, int* out, u32* hist, u32 (*whist)[256], int* wsum, int* tot,
                                           u32* s_prefix, int* s_rem) {
@@ -595,34 +641,7 @@ __device__ __forceinline__ void topk_body(const float* sc, int v, int k, int* ou
             hist[b] = c;
         }
         __syncthreads();
-        if (threadIdx.x < 32) {
-            // warp 0 finds the bin where the count from the top reaches rem:
-            // lane l sums bins 255 - 8l .. 248 - 8l, an inclusive scan over the
-            // lanes gives the cumulative counts, the crossing lane walks its 8
-            int l = threadIdx.x;
-            int hv[8], ls = 0;
-#pragma unroll
-            for (int u = 0; u < 8; u++) { hv[u] = (int)hist[255 - 8 * l - u]; ls += hv[u]; }
-            int inc = ls;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                int y = __shfl_up_sync(0xffffffffu, inc, o);
-                if (l >= o) inc += y;
-            }
-            int exc = inc - ls;
-            if (exc < rem && inc >= rem) {
-                int cum = exc;
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    if (cum + hv[u] >= rem) {
-                        *s_prefix = prefix | ((u32)(255 - 8 * l - u) << shift);
-                        *s_rem = rem - cum;
-                        break;
-                    }
-                    cum += hv[u];
-                }
-            }
-        }
+        if (threadIdx.x < 32) topk_find_bin(hist, threadIdx.x, prefix, shift, rem, s_prefix, s_rem);
         __syncthreads();
         prefix = *s_prefix;
         rem = *s_rem;
@@ -632,17 +651,6 @@ __device__ __forceinline__ void topk_body(const float* sc, int v, int k, int* ou
     // keys > T all selected; the first `rem` keys == T (lowest indices) too,
     // chunk by chunk of blockDim rows in row order
     int base = 0, eq_seen = 0;
-    auto emit = [&](u32 key, int i) {
-        bool eq = (i < v) && key == prefix;
-        int eq_rank = block_rank(eq, wsum, tot);
-        int eq_tot = *tot;
-        bool take = (i < v) && (key > prefix || (eq && eq_seen + eq_rank < rem));
-        int r = block_rank(take, wsum, tot);
-        if (take) out[base + r] = i;
-        base += *tot;
-        eq_seen += eq_tot;
-        __syncthreads();
-    };
     if (CACHED) {
         // all chunks at once: per (chunk u, warp w) counts of keys == T and of
         // taken keys, exclusive prefixes in row order (u-major, then warp,
@@ -688,7 +696,7 @@ __device__ __forceinline__ void topk_body(const float* sc, int v, int k, int* ou
     } else {
         for (int i0 = 0; i0 < v; i0 += blockDim.x) {
             int i = i0 + threadIdx.x;
-            emit((i < v) ? fkey(sc[i]) : 0u, i);
+            topk_emit((i < v) ? fkey(sc[i]) : 0u, i, v, prefix, rem, out, base, eq_seen, wsum, tot);
         }
     }
 }
@@ -725,32 +733,7 @@ __device__ __forceinline__ void topk_small(const float* sc, int v, int k, int* o
             }
         }
         __syncthreads();
-        if (t < 32) {
-            // as topk_body: lane l holds bins 255 - 8l .. 248 - 8l, a scan over
-            // the lanes finds the one where the count from the top reaches rem
-            int hv[8], ls = 0;
-#pragma unroll
-            for (int u = 0; u < 8; u++) { hv[u] = (int)hist[255 - 8 * lane - u]; ls += hv[u]; }
-            int inc = ls;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                int y = __shfl_up_sync(0xffffffffu, inc, o);
-                if (lane >= o) inc += y;
-            }
-            int exc = inc - ls;
-            if (exc < rem && inc >= rem) {
-                int cum = exc;
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    if (cum + hv[u] >= rem) {
-                        *s_prefix = prefix | ((u32)(255 - 8 * lane - u) << shift);
-                        *s_rem = rem - cum;
-                        break;
-                    }
-                    cum += hv[u];
-                }
-            }
-        }
+        if (t < 32) topk_find_bin(hist, lane, prefix, shift, rem, s_prefix, s_rem);
         __syncthreads();
         prefix = *s_prefix;
         rem = *s_rem;
@@ -759,18 +742,7 @@ __device__ __forceinline__ void topk_small(const float* sc, int v, int k, int* o
     // keys > T all taken, and the first `rem` keys == T in row order
     int base = 0, eq_seen = 0;
 #pragma unroll
-    for (int u = 0; u < E; u++) {
-        int i = u * 1024 + t;
-        bool eq = i < v && key[u] == prefix;
-        int eq_rank = block_rank(eq, wsum, tot);
-        int eq_tot = *tot;
-        bool take = i < v && (key[u] > prefix || (eq && eq_seen + eq_rank < rem));
-        int r = block_rank(take, wsum, tot);
-        if (take) out[base + r] = i;
-        base += *tot;
-        eq_seen += eq_tot;
-        __syncthreads();
-    }
+    for (int u = 0; u < E; u++) topk_emit(key[u], u * 1024 + t, v, prefix, rem, out, base, eq_seen, wsum, tot);
 }
 
 extern "C" __global__ void __launch_bounds__(1024) topk_select(const float* scores, int ld, const int* vis, int k, int* sel, int* cnt) {

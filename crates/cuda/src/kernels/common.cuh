@@ -98,20 +98,9 @@ __device__ __forceinline__ void pdl_prologue() {
 }
 // A kernel whose signature carries PDL_MANUAL (before its opening brace) gets
 // no automatic prologue: it does work that reads nothing a previous kernel
-// wrote (weight prefetches, constant tables) first, then calls pdl_prologue()
+// wrote (the persistent matvec's first weight loads) first, then calls pdl_prologue()
 // itself before touching anything else.
 #define PDL_MANUAL
-
-// Pull the cache lines of [p, p + bytes) towards L2 (thread t of nt): the
-// weight matrices are constants, so a matvec can start streaming its rows
-// while the kernel before it is still running (PDL), instead of paying the
-// DRAM round trips after the wait. DSV4_PF=0 disables (A/B experiments).
-__device__ __forceinline__ void prefetch_l2(const void* p, u64 bytes, int t, int nt) {
-#if DSV4_PF
-    u64 a = ((u64)p & ~127ull) + (u64)t * 128, e = (u64)p + bytes;
-    for (; a < e; a += (u64)nt * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
-#endif
-}
 
 #define NEG_INF (__int_as_float(0xff800000))
 
@@ -132,6 +121,27 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
+}
+// Split-K epilogue (one block per row, its warps over the row's chunks):
+// each warp's per-token partial sums added over the warps in warp order,
+// y[t][row] for t < n. red: NT x 8 floats of shared memory (<= 8 warps).
+template <int NT>
+__device__ __forceinline__ void split_k_store(const float (&acc)[NT], float (*red)[8], float* y, int ys, int row, int n) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        float v = warp_sum(acc[t]);
+        if (lane == 0) red[t][w] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float v = (lane < (int)(blockDim.x >> 5)) ? red[t][lane] : 0.f;
+            v = warp_sum(v);
+            if (lane == 0 && t < n) y[(u64)t * ys + row] = v;
+        }
+    }
 }
 // Block-wide sum; every thread gets the result. `sh` needs 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* sh) {

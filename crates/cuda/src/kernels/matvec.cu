@@ -177,16 +177,6 @@ extern __shared__ float mv_xsh[];
 template <int TY, int NT, bool GROUPED>
 __device__ __forceinline__ void mv_body(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, int n,
                                         const int* eids, u64 expert_bytes, int x_group, int stage, const int* tiles) {
-    // before the wait: pull this warp's weight row towards L2 when its address
-    // does not depend on a previous kernel (x_group < 0: constant expert ids)
-    {
-        bool static_eids = x_group < 0;
-        if (static_eids) x_group = -x_group;
-        int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-        if (!GROUPED && r < rows && (!eids || static_eids))
-            prefetch_l2(W + (eids ? (u64)eids[blockIdx.y] * expert_bytes : 0) + (u64)r * row_bytes, row_bytes, threadIdx.x & 31, 32);
-    }
-    pdl_prologue();
     // stage == 2: single-token x staged once per block in shared memory (the
     // block's warps all read it; global/L1 x loads were half the load traffic)
     if (stage == 2) {
@@ -260,11 +250,6 @@ __device__ __forceinline__ void mvk_body(const u8* W, u64 row_bytes, int rows, i
         __syncthreads();
     }
     int row = blockIdx.x;
-    // (as mv_body: the row towards L2 before the wait)
-    bool static_eids = x_group < 0;
-    if (static_eids) x_group = -x_group;
-    if (!eids || static_eids) prefetch_l2(W + (eids ? (u64)eids[blockIdx.y] * expert_bytes : 0) + (u64)row * row_bytes, row_bytes, threadIdx.x, blockDim.x);
-    pdl_prologue();
     if (eids) {
         int s = blockIdx.y;
         W += (u64)eids[s] * expert_bytes;
@@ -284,21 +269,7 @@ __device__ __forceinline__ void mvk_body(const u8* W, u64 row_bytes, int rows, i
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = 0.f;
     row_dot<TY, NT>(wr, cols, x, xs, n, threadIdx.x & 31, threadIdx.x >> 5, blockDim.x >> 5, grid_tab, sign_tab, acc);
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-#pragma unroll
-    for (int t = 0; t < NT; t++) {
-        float v = warp_sum(acc[t]);
-        if (lane == 0) red[t][w] = v;
-    }
-    __syncthreads();
-    if (threadIdx.x < 32) {
-#pragma unroll
-        for (int t = 0; t < NT; t++) {
-            float v = (lane < (int)(blockDim.x >> 5)) ? red[t][lane] : 0.f;
-            v = warp_sum(v);
-            if (lane == 0 && t < n) y[(u64)t * ys + row] = v;
-        }
-    }
+    split_k_store<NT>(acc, red, y, ys, row, n);
 }
 
 // Split-K over blocks too: block (row, part) sums the chunks part, part +
@@ -317,9 +288,6 @@ __device__ __forceinline__ void mvks_body(const u8* W, u64 row_bytes, int cols, 
     }
     int row = blockIdx.x;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    // before the wait: this block's share of the row's lines towards L2
-    prefetch_l2(W + (u64)row * row_bytes, row_bytes, blockIdx.y * blockDim.x + threadIdx.x, gridDim.y * blockDim.x);
-    pdl_prologue();
     float acc[1] = {0.f};
     row_dot<TY, 1>(W + (u64)row * row_bytes, cols, x, 0, 1, lane, blockIdx.y * nw + w, gridDim.y * nw, grid_tab, sign_tab, acc);
     float v = warp_sum(acc[0]);
@@ -331,24 +299,24 @@ __device__ __forceinline__ void mvks_body(const u8* W, u64 row_bytes, int cols, 
         if (lane == 0) y[(u64)blockIdx.y * pstride + row] = v;
     }
 }
-extern "C" __global__ void mvks_f16(const u8* W, u64 row_bytes, int cols, const float* x, float* y, int pstride) PDL_MANUAL {
+extern "C" __global__ void mvks_f16(const u8* W, u64 row_bytes, int cols, const float* x, float* y, int pstride) {
     mvks_body<T_F16>(W, row_bytes, cols, x, y, pstride);
 }
 
 #define MV_KERNEL(NAME, TY, NT)                                                                                              \
     extern "C" __global__ void NAME(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, \
-                                    int n, const int* eids, u64 expert_bytes, int x_group, int stage) PDL_MANUAL {                       \
+                                    int n, const int* eids, u64 expert_bytes, int x_group, int stage) {                       \
         mv_body<TY, NT, false>(W, row_bytes, rows, cols, x, xs, y, ys, n, eids, expert_bytes, x_group, stage, 0);                       \
     }
 // Grouped (prefill MoE): tiles of expert-sorted rows, see moe_group.
 #define MVG_KERNEL(NAME, TY)                                                                                                 \
     extern "C" __global__ void NAME(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, \
-                                    u64 expert_bytes, const int* tiles) PDL_MANUAL {                                                     \
+                                    u64 expert_bytes, const int* tiles) {                                                     \
         mv_body<TY, 8, true>(W, row_bytes, rows, cols, x, xs, y, ys, 8, 0, expert_bytes, 1, 0, tiles);                        \
     }
 #define MVK_KERNEL(NAME, TY, NT)                                                                                              \
     extern "C" __global__ void NAME(const u8* W, u64 row_bytes, int rows, int cols, const float* x, int xs, float* y, int ys, \
-                                    int n, const int* eids, u64 expert_bytes, int x_group, int stage) PDL_MANUAL {                       \
+                                    int n, const int* eids, u64 expert_bytes, int x_group, int stage) {                       \
         mvk_body<TY, NT>(W, row_bytes, rows, cols, x, xs, y, ys, n, eids, expert_bytes, x_group, stage);                      \
     }
 #define MV_TYPE(SUFFIX, TY)                                                                                                       \

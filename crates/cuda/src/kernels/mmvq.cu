@@ -444,24 +444,9 @@ __device__ __forceinline__ void mq_body(const u8* W, u64 row_bytes, int rows, in
                                         float* y, int ys, int n, const int* eids, u64 expert_bytes, int x_group, const int* tiles,
                                         const u8* W2 = 0, float* y2 = 0, int pair = 0) {
     __shared__ u32 gsel[TY == T_IQ2_XXS ? 256 : 1];
-    stage_iq2<TY>(gsel); // a constant table: before the wait
+    stage_iq2<TY>(gsel);
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    // x_group < 0: the expert ids are constants (the o_a group stack), so
-    // this warp's row address is known before the wait
-    bool static_eids = x_group < 0;
-    if (static_eids) x_group = -x_group;
-    if (!GROUPED && row < rows && (!eids || static_eids)) {
-        const u8* Wp = W;
-        int s = blockIdx.y;
-        if (W2 && s >= pair) {
-            Wp = W2;
-            s -= pair;
-        }
-        if (eids) Wp += (u64)eids[s] * expert_bytes;
-        prefetch_l2(Wp + (u64)row * row_bytes, row_bytes, lane, 32);
-    }
-    pdl_prologue();
     if (row >= rows) return;
     if (GROUPED) {
         const int* tl = tiles + 4 * blockIdx.y;
@@ -505,11 +490,6 @@ __device__ __forceinline__ void mqk_body(const u8* W, u64 row_bytes, int rows, i
     __shared__ float red[NT][8];
     stage_iq2<TY>(gsel);
     int row = blockIdx.x;
-    // (x_group < 0: constant expert ids, as in mq_body)
-    bool static_eids = x_group < 0;
-    if (static_eids) x_group = -x_group;
-    if (!eids || static_eids) prefetch_l2(W + (eids ? (u64)eids[blockIdx.y] * expert_bytes : 0) + (u64)row * row_bytes, row_bytes, threadIdx.x, blockDim.x);
-    pdl_prologue();
     if (eids) {
         int s = blockIdx.y;
         W += (u64)eids[s] * expert_bytes;
@@ -521,39 +501,25 @@ __device__ __forceinline__ void mqk_body(const u8* W, u64 row_bytes, int rows, i
     float acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = 0.f;
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    row_dotq<TY, NT>(wr, cols, xq, xqs, xd, xds, n, lane, w, blockDim.x >> 5, gsel, acc);
-#pragma unroll
-    for (int t = 0; t < NT; t++) {
-        float v = warp_sum(acc[t]);
-        if (lane == 0) red[t][w] = v;
-    }
-    __syncthreads();
-    if (threadIdx.x < 32) {
-#pragma unroll
-        for (int t = 0; t < NT; t++) {
-            float v = (lane < (int)(blockDim.x >> 5)) ? red[t][lane] : 0.f;
-            v = warp_sum(v);
-            if (lane == 0 && t < n) y[(u64)t * ys + row] = v;
-        }
-    }
+    row_dotq<TY, NT>(wr, cols, xq, xqs, xd, xds, n, threadIdx.x & 31, threadIdx.x >> 5, blockDim.x >> 5, gsel, acc);
+    split_k_store<NT>(acc, red, y, ys, row, n);
 }
 
 #define MQ_ARGS const u8 *W, u64 row_bytes, int rows, int cols, const i8 *xq, int xqs, const float *xd, int xds, float *y, int ys
 #define MQ_KERNEL(NAME, TY, NT)                                                                                     \
-    extern "C" __global__ void NAME(MQ_ARGS, int n, const int* eids, u64 expert_bytes, int x_group) PDL_MANUAL {     \
+    extern "C" __global__ void NAME(MQ_ARGS, int n, const int* eids, u64 expert_bytes, int x_group) {                \
         mq_body<TY, NT, false>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, n, eids, expert_bytes, x_group, 0); \
     }
 #define MQK_KERNEL(NAME, TY, NT)                                                                                 \
-    extern "C" __global__ void NAME(MQ_ARGS, int n, const int* eids, u64 expert_bytes, int x_group) PDL_MANUAL {  \
+    extern "C" __global__ void NAME(MQ_ARGS, int n, const int* eids, u64 expert_bytes, int x_group) {             \
         mqk_body<TY, NT>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, n, eids, expert_bytes, x_group);      \
     }
 #define MQG_KERNEL(NAME, TY)                                                                                  \
-    extern "C" __global__ void NAME(MQ_ARGS, u64 expert_bytes, const int* tiles) PDL_MANUAL {                  \
+    extern "C" __global__ void NAME(MQ_ARGS, u64 expert_bytes, const int* tiles) {                             \
         mq_body<TY, 8, true>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, 8, 0, expert_bytes, 1, tiles); \
     }
 #define MQP_KERNEL(NAME, TY)                                                                                           \
-    extern "C" __global__ void NAME(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2, int pair) PDL_MANUAL { \
+    extern "C" __global__ void NAME(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2, int pair) { \
         mq_body<TY, 1, false>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, 1, eids, expert_bytes, x_group, 0, W2, y2, pair); \
     }
 #define MQ_TYPE(SUFFIX, TY)                                                                                                                     \
@@ -569,17 +535,11 @@ MQ_TYPE(iq2_xxs, T_IQ2_XXS)
 
 // Paired IQ2_XXS decode product (see iq2_pair_dot): grid (ceil(rows / 8),
 // slots), 256 threads; y1[s] = W1[eids[s]] xq[s / x_group], y2[s] likewise.
-extern "C" __global__ void mqp2_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2) PDL_MANUAL {
+extern "C" __global__ void mqp2_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2) {
     __shared__ u32 gsel[256];
     stage_iq2<T_IQ2_XXS>(gsel);
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    // (expert ids come from the router: only plain matrices prefetch)
-    if (!eids && row < rows) {
-        prefetch_l2(W + (u64)row * row_bytes, row_bytes, lane, 32);
-        prefetch_l2(W2 + (u64)row * row_bytes, row_bytes, lane, 32);
-    }
-    pdl_prologue();
     if (row >= rows) return;
     int s = blockIdx.y;
     u64 eo = eids ? (u64)eids[s] * expert_bytes : 0;
@@ -680,7 +640,7 @@ __device__ __forceinline__ void q8v_dot(const u8* buf, const i8* xq, const float
 
 // y[s][r] = W_s xq[s / x_group] for the flattened f = s * rows + r, s <
 // slots (W2 set: as many slots more with W2 / y2, same x). x_group < 0: eids
-// are constants (as mq_body); early: load the first batch before the PDL
+// are constants (the o_a group stack: readable before the wait); early: load the first batch before the PDL
 // wait (a flood of weight loads also slows the kernel it overlaps, so the
 // host chooses: 0 none, 1 every warp, 2 half of them). RPI == 2 (short rows of one batch, rows even): an item is
 // two consecutive rows (contiguous bytes), loaded as one batch of twice the

@@ -78,7 +78,7 @@ impl GpuModel {
         }
         launch!(self.gpu, &name, grid, (128, 1, 1), shmem;
             w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32,
-            x, xs as i32, y, ys as i32, 1i32, eids, w.expert_bytes(), self.xg_arg(x_group, eids), stage)
+            x, xs as i32, y, ys as i32, 1i32, eids, w.expert_bytes(), x_group as i32, stage)
     }
 
     /// Grouped matvec over expert-sorted rows: tile t = (matrix, first row,
@@ -101,9 +101,9 @@ impl GpuModel {
             w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, x, xs as i32, y, ys as i32, w.expert_bytes(), tiles)
     }
 
-    /// The kernels' x_group argument: negative when the expert ids are the
-    /// constant `iota` (the o_a group stack), so the kernels may read them,
-    /// and prefetch the rows they name, before waiting for the previous kernel.
+    /// The persistent matvec's x_group argument: negative when the expert ids
+    /// are the constant `iota` (the o_a group stack), so the kernel may read
+    /// them, and load the rows they name, before waiting for the previous kernel.
     fn xg_arg(&self, x_group: usize, eids: u64) -> i32 {
         if eids != 0 && eids == self.s.iota.ptr { -(x_group as i32) } else { x_group as i32 }
     }
@@ -180,7 +180,7 @@ impl GpuModel {
         let rpb = Self::mq_grid(&w).1;
         launch!(self.gpu, &format!("mq_{suffix}_1"), (w.rows.div_ceil(rpb as usize) as u32, slots as u32, 1), (32 * rpb, 1, 1), 0;
             w.ptr, w.row_bytes as u64, w.rows as i32, w.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32,
-            y, ys as i32, 1i32, eids, w.expert_bytes(), self.xg_arg(x_group, eids))
+            y, ys as i32, 1i32, eids, w.expert_bytes(), x_group as i32)
     }
 
     /// Single-token Q8_0 products by the persistent kernel (mmvq.cu `mq1p_*`):

@@ -434,6 +434,16 @@ pub(crate) mod avx512 {
         [x0, x1, x2, x3]
     }
 
+    /// The group-scale words of a block for the two packed dot pairs, from
+    /// its qwords `q` (as [`codes`] returns them).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
+    unsafe fn scale_words(q: __m512i, t: &Tabs) -> [__m512i; 2] {
+        // Qword g: (a1 >> 27) | 1 = 2·ls_g + 1 (< 32, so also its low word).
+        let scales = _mm512_or_si512(_mm512_srli_epi64(q, 59), _mm512_set1_epi64(1));
+        [_mm512_permutexvar_epi16(t.sc[0], scales), _mm512_permutexvar_epi16(t.sc[1], scales)]
+    }
+
     /// A decoded block: the offset weights of the four 64-value parts, and
     /// the group-scale words for the two packed dot pairs.
     struct Decoded {
@@ -445,11 +455,9 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
     unsafe fn decode(b: *const u8, t: &Tabs) -> Decoded {
         let (ls, hi, q) = codes(b, t);
-        // Qword g: (a1 >> 27) | 1 = 2·ls_g + 1 (< 32, so also its low word).
-        let scales = _mm512_or_si512(_mm512_srli_epi64(q, 59), _mm512_set1_epi64(1));
         Decoded {
             xw: all_parts(ls, &t.sub, hi, t),
-            w: [_mm512_permutexvar_epi16(t.sc[0], scales), _mm512_permutexvar_epi16(t.sc[1], scales)],
+            w: scale_words(q, t),
         }
     }
 
@@ -593,7 +601,6 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,gfni,avx2,fma,f16c")]
     unsafe fn decode_masked(b: *const u8, t: &Tabs) -> DecodedMasked {
         let (ls, hi, q) = codes(b, t);
-        let scales = _mm512_or_si512(_mm512_srli_epi64(q, 59), _mm512_set1_epi64(1));
         let mut mag = [_mm512_setzero_si512(); 4];
         let mut neg = [0; 4];
         for u in 0..2 {
@@ -603,7 +610,7 @@ pub(crate) mod avx512 {
             neg[2 * u] = _mm512_test_epi8_mask(idx, _mm512_set1_epi8(0x04));
             neg[2 * u + 1] = _mm512_test_epi8_mask(idx, _mm512_set1_epi8(0x20));
         }
-        DecodedMasked { mag, neg, w: [_mm512_permutexvar_epi16(t.sc[0], scales), _mm512_permutexvar_epi16(t.sc[1], scales)] }
+        DecodedMasked { mag, neg, w: scale_words(q, t) }
     }
 
     /// [`apply_q8`] of a [`DecodedMasked`] block: the same 16 i32 lanes.
