@@ -366,7 +366,7 @@ fn sink_attention_matches_ops() {
         let (sel_ptr, sel_ld) = if use_sel { (dsel.ptr, k as i32) } else { (0u64, 0i32) };
         launch!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), ((4 * per + 8 * d) * 4) as u32;
             dq.ptr, df.ptr, dr.ptr, rows_ptr, rfmt, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
-            h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32).unwrap();
+            h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32, 0u64, 0u64, 0u64).unwrap();
         if nsplit > 1 {
             launch!(g, "attn_combine", (n as u32, h as u32, 1), (128, 1, 1), 0;
                 part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out.ptr, 0u64, 0u64).unwrap();
@@ -381,6 +381,23 @@ fn sink_attention_matches_ops() {
             let a = dsv4_gguf::kernels::quantize_acts(GgmlType::Q8_0, &o2);
             assert_eq!(&codes[..], &a.q8_0().unwrap().qs[..], "combine Q8_0 codes");
             assert_eq!(sc.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), a.q8_0().unwrap().d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "combine Q8_0 scales");
+            // merged inside sink_attn by the last split block of each head
+            // group: bitwise the combine's output and Q8_0 copy; run twice
+            // (the counters must be back at zero after each run)
+            let counters = g.upload(&vec![0i32; n * h.div_ceil(4)]).unwrap();
+            for run in 0..2 {
+                let out3 = g.upload(&vec![f32::NAN; n * h * d]).unwrap();
+                let (q3, d3) = (g.upload(&vec![0x55u8; n * h * d]).unwrap(), g.upload(&vec![f32::NAN; n * h * d / 32]).unwrap());
+                launch!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), ((4 * per + 8 * d) * 4) as u32;
+                    dq.ptr, df.ptr, dr.ptr, rows_ptr, rfmt, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
+                    h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out3.ptr, part.ptr, per as i32, counters.ptr, q3.ptr, d3.ptr).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&g.read_f32(out3.ptr, n * h * d).unwrap()), bits(&o2), "fused merge output, run {run}, splits {nsplit}");
+                let codes3: Vec<i8> = g.read_i32(q3.ptr, n * h * d / 4).unwrap().iter().flat_map(|w| w.to_le_bytes()).map(|b| b as i8).collect();
+                assert_eq!(codes3, codes, "fused merge Q8_0 codes, run {run}");
+                assert_eq!(bits(&g.read_f32(d3.ptr, n * h * d / 32).unwrap()), bits(&sc), "fused merge Q8_0 scales, run {run}");
+                assert!(g.read_i32(counters.ptr, n * h.div_ceil(4)).unwrap().iter().all(|&c| c == 0), "split counters reset");
+            }
         }
         let got = g.read_f32(out.ptr, n * h * d).unwrap();
         let e = rel_err(&got, &want);

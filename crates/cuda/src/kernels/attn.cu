@@ -796,7 +796,7 @@ __device__ __forceinline__ const float* attn_key(int j, int nwin, int lo, int p0
 extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, const float* fresh, const float* ring, const u8* rows, int rfmt,
                                      const int* sel, const int* cnt, const int* vis, int sel_ld, const float* sinks,
                                      int h_count, int d, int rd, const float* omega, const int* p0p, int win, float scale,
-                                     float* out, float* part, int max_keys) {
+                                     float* out, float* part, int max_keys, int* combine_cnt, i8* q0, float* d0) {
     // dynamic: HB * max_keys floats (the first max_keys hold this split's
     // compressed-row indices), then red = (warps) * d floats for the
     // cross-warp sum of P.V
@@ -977,7 +977,82 @@ extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, c
             float* dst = part + (((u64)t * h_count + h0 + h) * nsplit + split) * (d + 2);
             for (int c = threadIdx.x; c < d + 2; c += blockDim.x) dst[c] = (c == 0) ? mx_s[h] : (c == 1) ? den_s[h] : oacc[h * d + c - 2];
         }
-        return;  // attn_combine merges them
+        if (!combine_cnt) return;  // attn_combine merges them
+        // The last split block of this (token, head group) merges the splits
+        // itself, exactly as attn_combine does (same weights, same order of
+        // additions per dim): one kernel boundary fewer per layer. Partials
+        // are published by the fence before the count and read past L1
+        // (ld.cg). All HB heads are merged at once: warp h computes head h's
+        // split weights while every thread's partial loads are in flight.
+        __shared__ int is_last;
+        __shared__ float wsp[HB][64], lws[HB][64];
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int* c = combine_cnt + (u64)t * gridDim.y + g;
+            is_last = atomicAdd(c, 1) == nsplit - 1;
+            if (is_last) *c = 0;  // ready for the next layer / step
+        }
+        __syncthreads();
+        if (!is_last) return;
+        __threadfence();
+        const int nh = min(HB, h_count - h0);
+        const float* pb = part + ((u64)t * h_count + h0) * nsplit * (d + 2);  // head h0's splits
+        // thread outputs: (head, dim) = (o / d, o % d) for o = tid + blockDim * r
+        const int R = HB * ATT_D / 256;  // outputs per thread (blockDim 256)
+        auto load = [&](float (&pv)[R / 2][16], int r0, int s0) {
+#pragma unroll
+            for (int r = 0; r < R / 2; r++)
+#pragma unroll
+                for (int u = 0; u < 16; u++) {
+                    int o = threadIdx.x + blockDim.x * (r0 + r);
+                    int hh = o / d, c = o - hh * d;
+                    pv[r][u] = (hh < nh && s0 + u < nsplit) ? __ldcg(pb + ((u64)hh * nsplit + s0 + u) * (d + 2) + 2 + c) : 0.f;
+                }
+        };
+        float pv[R / 2][16];
+        load(pv, 0, 0);
+        if (wp < nh) {
+            // split weights of head wp by one warp (nsplit <= 64), as attn_combine
+            const float* pp = pb + (u64)wp * nsplit * (d + 2);
+            int l = lane;
+            float m0 = (l < nsplit) ? __ldcg(pp + l * (d + 2)) : NEG_INF, m1 = (l + 32 < nsplit) ? __ldcg(pp + (l + 32) * (d + 2)) : NEG_INF;
+            float l0 = (l < nsplit) ? __ldcg(pp + l * (d + 2) + 1) : 0.f, l1 = (l + 32 < nsplit) ? __ldcg(pp + (l + 32) * (d + 2) + 1) : 0.f;
+            float sk = sinks[h0 + wp];
+            float M = warp_max(fmaxf(sk, fmaxf(m0, m1)));
+            float w0 = (m0 == NEG_INF) ? 0.f : expf(m0 - M), w1 = (m1 == NEG_INF) ? 0.f : expf(m1 - M);
+            if (l < nsplit) { wsp[wp][l] = w0; lws[wp][l] = w0 * l0; }
+            if (l + 32 < nsplit) { wsp[wp][l + 32] = w1; lws[wp][l + 32] = w1 * l1; }
+            __syncwarp();
+            if (l == 0) {
+                float den = expf(sk - M);
+                for (int s2 = 0; s2 < nsplit; s2++) den += lws[wp][s2];
+                den_s[wp] = den;
+            }
+        }
+        __syncthreads();
+        for (int r0 = 0; r0 < R; r0 += R / 2) {
+            float v[R / 2];
+#pragma unroll
+            for (int r = 0; r < R / 2; r++) v[r] = 0.f;
+            for (int s0 = 0; s0 < nsplit; s0 += 16) {
+                if (r0 > 0 || s0 > 0) load(pv, r0, s0);
+#pragma unroll
+                for (int r = 0; r < R / 2; r++) {
+                    int o = threadIdx.x + blockDim.x * (r0 + r);
+                    int hh = o / d;
+#pragma unroll
+                    for (int u = 0; u < 16; u++)
+                        if (hh < nh && s0 + u < nsplit) v[r] += wsp[hh][s0 + u] * pv[r][u];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R / 2; r++) {
+                int o = threadIdx.x + blockDim.x * (r0 + r);
+                int hh = o / d, c = o - hh * d;
+                if (hh < nh) oacc[hh * d + c] = v[r] / den_s[hh];
+            }
+        }
     }
     __syncthreads();
     for (int h = 0; h < HB && h0 + h < h_count; h++) {
@@ -985,9 +1060,17 @@ extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, c
             rope_pair(&oacc[h * d + d - rd + 2 * i], &oacc[h * d + d - rd + 2 * i + 1], omega[i], p, true);
     }
     __syncthreads();
-    // (per head: no integer division by d in the loop)
+    // (per head: no integer division by d in the loop); q0: the Q8_0 copy
+    // for the output projection (d % 32 == 0: each warp one aligned block)
     for (int h = 0; h < HB && h0 + h < h_count; h++)
-        for (int c = threadIdx.x; c < d; c += blockDim.x) out[((u64)t * h_count + h0 + h) * d + c] = oacc[h * d + c];
+        for (int c0 = 0; c0 < d; c0 += blockDim.x) {
+            int c = c0 + threadIdx.x;
+            bool ok = c < d;
+            float v = ok ? oacc[h * d + c] : 0.f;
+            u64 flat = ((u64)t * h_count + h0 + h) * d + c;
+            if (ok) out[flat] = v;
+            if (q0) quant_vals(v, ok, flat, q0, d0, 0, 0);
+        }
 }
 
 // Merge the splits of sink_attn: o = sum_s e^(m_s-M) o_s / (sum_s e^(m_s-M) l_s + e^(sink-M)).

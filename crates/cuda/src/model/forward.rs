@@ -661,13 +661,19 @@ impl GpuModel {
         let per = max_keys.div_ceil(nsplit);
         const HB: usize = 4;
         let part = self.s.part.ptr;
+        // 8-bit mode: the merge also writes o as Q8_0 for the output projection
+        let fo = nsplit > 1 && self.uses_q8(b.o_a.ty) && b.o_a.ty == GgmlType::Q8_0 && (h * hd / c.o_groups) % 32 == 0 && hd <= 1024 && hd % 32 == 0;
+        // decode: the splits merged by the last split block of each head group
+        // (env DSV4_FUSED_MERGE=0: the separate attn_combine, for A/B runs)
+        static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let fused = nsplit > 1 && n == 1 && hd <= 512 && *FUSED.get_or_init(|| std::env::var("DSV4_FUSED_MERGE").map(|v| v != "0").unwrap_or(true));
+        let (mq0, md0) = if fused && fo { (self.s.fo.q0.ptr, self.s.fo.d0.ptr) } else { (0u64, 0u64) };
         // dynamic shared: HB x per scores + 8 warps x hd for the P.V sum
         launch!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), ((HB * per + 8 * hd) * F) as u32;
             q, kv, st.ring.ptr, rows_ptr, rfmt, sel_ptr, self.s.cnt.ptr, self.s.vis.ptr, sel_ld as i32, b.sinks.ptr,
-            h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o, part, per as i32)?;
-        // 8-bit mode: the combine also writes o as Q8_0 for the output projection
-        let fo = nsplit > 1 && self.uses_q8(b.o_a.ty) && b.o_a.ty == GgmlType::Q8_0 && (h * hd / c.o_groups) % 32 == 0 && hd <= 1024;
-        if nsplit > 1 {
+            h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o, part, per as i32,
+            if fused { self.s.acnt.ptr } else { 0u64 }, mq0, md0)?;
+        if nsplit > 1 && !fused {
             let (q0, d0) = if fo { (self.s.fo.q0.ptr, self.s.fo.d0.ptr) } else { (0u64, 0u64) };
             launch!(self.gpu, "attn_combine", (1, h as u32, 1), (128, 1, 1), 0;
                 part, nsplit as i32, b.sinks.ptr, h as i32, hd as i32, rd as i32, omega, pp, o, q0, d0)?;
