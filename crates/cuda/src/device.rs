@@ -336,10 +336,30 @@ impl Gpu {
 
     /// Launch `name` with `params` (pointers to each argument value, in order).
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shmem: u32, params: &mut [*mut c_void]) -> Result<()> {
+        self.launch_ex(name, grid, block, shmem, 1, params)
+    }
+
+    /// `launch` with thread-block clusters of `cluster_z` consecutive blocks
+    /// along z (sm_90: the blocks of a cluster are co-scheduled on one GPC
+    /// and read each other's shared memory). Sizes above 8 are non-portable:
+    /// the function is allowed them on first use.
+    pub fn launch_ex(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shmem: u32, cluster_z: u32, params: &mut [*mut c_void]) -> Result<()> {
         if !self.ablate.is_empty() && self.ablate.iter().any(|a| a == name) {
             return Ok(());
         }
         let f = self.func(name)?;
+        if cluster_z > 1 && (self.cc.0 < 9 || grid.2 % cluster_z != 0) {
+            return Err(CudaError::Driver(format!("launch of `{name}`: clusters of {cluster_z} need sm_90 and a grid z ({}) divisible by it", grid.2)));
+        }
+        if cluster_z > 8 {
+            let key = format!("{name}#cluster");
+            let mut lim = self.shmem_limit.borrow_mut();
+            if !lim.contains_key(&key) {
+                unsafe { cu::function::set_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1) }
+                    .map_err(drv("cuFuncSetAttribute (non-portable cluster size)"))?;
+                lim.insert(key, 1);
+            }
+        }
         // The 48 KB default limit covers static + dynamic shared memory: raise
         // the function's dynamic limit whenever a launch asks for more than it
         // was last allowed beyond what its static part leaves (once per size).
@@ -373,12 +393,23 @@ impl Gpu {
         } else {
             None
         };
-        if self.pdl {
+        if self.pdl || cluster_z > 1 {
             // programmatic dependent launch: this kernel may be scheduled while
             // the previous one in the stream drains; its prologue waits
-            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr.value.programmaticStreamSerializationAllowed = 1;
+            let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+            let mut na = 0;
+            if self.pdl {
+                attrs[na].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+                attrs[na].value.programmaticStreamSerializationAllowed = 1;
+                na += 1;
+            }
+            if cluster_z > 1 {
+                attrs[na].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+                attrs[na].value.clusterDim.x = 1;
+                attrs[na].value.clusterDim.y = 1;
+                attrs[na].value.clusterDim.z = cluster_z;
+                na += 1;
+            }
             let cfg = sys::CUlaunchConfig {
                 gridDimX: grid.0,
                 gridDimY: grid.1,
@@ -388,8 +419,8 @@ impl Gpu {
                 blockDimZ: block.2,
                 sharedMemBytes: shmem,
                 hStream: self.cur_stream(),
-                attrs: &mut attr,
-                numAttrs: 1,
+                attrs: attrs.as_mut_ptr(),
+                numAttrs: na as u32,
             };
             unsafe { sys::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()) }
                 .result()
@@ -475,6 +506,16 @@ macro_rules! launch {
     }};
 }
 
+/// `launch!` with clusters of `cz` blocks along z (`Gpu::launch_ex`).
+#[macro_export]
+macro_rules! launch_cluster {
+    ($gpu:expr, $name:expr, $grid:expr, $block:expr, $shmem:expr, $cz:expr; $($arg:expr),+ $(,)?) => {{
+        let mut vals = ($($arg,)+);
+        let mut p = $crate::device::ParamPtrs::ptrs(&mut vals);
+        $gpu.launch_ex($name, $grid, $block, $shmem, $cz, p.as_mut())
+    }};
+}
+
 /// Tuples of kernel arguments → array of pointers to each element.
 pub trait ParamPtrs {
     type Out: AsMut<[*mut c_void]>;
@@ -518,6 +559,7 @@ impl_params!(20; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M
 impl_params!(21; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19, U 20);
 impl_params!(22; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19, U 20, V 21);
 impl_params!(23; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19, U 20, V 21, W 22);
+impl_params!(24; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19, U 20, V 21, W 22, X 23);
 
 /// The full NVRTC source: common header, generated IQ2 tables, kernel families.
 pub fn full_source() -> String {

@@ -3,7 +3,7 @@
 //! Skips (passing, with a note) when no GPU is usable.
 
 use dsv4_cuda::model::dev_stride;
-use dsv4_cuda::{launch, Gpu};
+use dsv4_cuda::{launch, launch_cluster, Gpu};
 use dsv4_engine::ops;
 use dsv4_engine::pack::{PackedRows, RopeStore, RowFormat};
 use dsv4_gguf::{quant, GgmlType};
@@ -308,6 +308,8 @@ fn sink_attention_matches_ops() {
     let cases = [(1usize, 20usize, 9usize, true, 3usize, RopeStore::F32), (3, 5, 0, false, 1, RopeStore::F32), (2, 40, 11, false, 1, RopeStore::Bf16), (1, 100, 25, false, 4, RopeStore::F32), (1, 100, 25, false, 4, RopeStore::Bf16), (2, 30, 7, true, 1, RopeStore::Bf16),
         // more than 16 splits (the combine's second batch), some of them empty
         (1, 100, 25, false, 20, RopeStore::F32),
+        // clusters of 8 and 16 (one with empty splits, two tokens)
+        (1, 300, 90, false, 8, RopeStore::Bf16), (2, 40, 11, true, 16, RopeStore::F32),
         // static + dynamic shared memory over 48 KB with the dynamic part under
         // it (the function's limit must still be raised)
         (1, 2300, 2200, false, 1, RopeStore::F32)];
@@ -366,37 +368,39 @@ fn sink_attention_matches_ops() {
         let (sel_ptr, sel_ld) = if use_sel { (dsel.ptr, k as i32) } else { (0u64, 0i32) };
         launch!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), ((4 * per + 8 * d) * 4) as u32;
             dq.ptr, df.ptr, dr.ptr, rows_ptr, rfmt, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
-            h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32, 0u64, 0u64, 0u64).unwrap();
+            h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32, 0i32, 0u64, 0u64, 0i32).unwrap();
         if nsplit > 1 {
             launch!(g, "attn_combine", (n as u32, h as u32, 1), (128, 1, 1), 0;
-                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out.ptr, 0u64, 0u64).unwrap();
-            // the same combine writing a Q8_0 copy: the CPU's quantisation of its output
+                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out.ptr, 0u64, 0u64, 0i32).unwrap();
+            // the same combine writing a Q8_0 copy: the CPU's quantisation of its
+            // output; its dims merged in 4 chunks over grid z (bit for bit the
+            // one-block merge)
             let out2 = g.upload(&vec![f32::NAN; n * h * d]).unwrap();
             let (q0, d0) = (g.upload(&vec![0x55u8; n * h * d]).unwrap(), g.upload(&vec![f32::NAN; n * h * d / 32]).unwrap());
-            launch!(g, "attn_combine", (n as u32, h as u32, 1), (128, 1, 1), 0;
-                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out2.ptr, q0.ptr, d0.ptr).unwrap();
+            launch!(g, "attn_combine", (n as u32, h as u32, 4), (128, 1, 1), 0;
+                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out2.ptr, q0.ptr, d0.ptr, 1i32).unwrap();
             let o2 = g.read_f32(out2.ptr, n * h * d).unwrap();
+            let o1 = g.read_f32(out.ptr, n * h * d).unwrap();
+            assert_eq!(o2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), o1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "combine over 4 dim chunks");
             let codes: Vec<i8> = g.read_i32(q0.ptr, n * h * d / 4).unwrap().iter().flat_map(|w| w.to_le_bytes()).map(|b| b as i8).collect();
             let sc = g.read_f32(d0.ptr, n * h * d / 32).unwrap();
             let a = dsv4_gguf::kernels::quantize_acts(GgmlType::Q8_0, &o2);
             assert_eq!(&codes[..], &a.q8_0().unwrap().qs[..], "combine Q8_0 codes");
             assert_eq!(sc.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), a.q8_0().unwrap().d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "combine Q8_0 scales");
-            // merged inside sink_attn by the last split block of each head
-            // group: bitwise the combine's output and Q8_0 copy; run twice
-            // (the counters must be back at zero after each run)
-            let counters = g.upload(&vec![0i32; n * h.div_ceil(4)]).unwrap();
-            for run in 0..2 {
+            // the splits as one thread-block cluster merging in distributed
+            // shared memory (sm_90, up to 16 blocks): bitwise the combine's
+            // output and Q8_0 copy
+            if g.cc.0 >= 9 && nsplit <= 16 {
                 let out3 = g.upload(&vec![f32::NAN; n * h * d]).unwrap();
                 let (q3, d3) = (g.upload(&vec![0x55u8; n * h * d]).unwrap(), g.upload(&vec![f32::NAN; n * h * d / 32]).unwrap());
-                launch!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), ((4 * per + 8 * d) * 4) as u32;
+                launch_cluster!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), ((4 * per + 8 * d) * 4) as u32, nsplit as u32;
                     dq.ptr, df.ptr, dr.ptr, rows_ptr, rfmt, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
-                    h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out3.ptr, part.ptr, per as i32, counters.ptr, q3.ptr, d3.ptr).unwrap();
+                    h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out3.ptr, 0u64, per as i32, nsplit as i32, q3.ptr, d3.ptr, 1i32).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&g.read_f32(out3.ptr, n * h * d).unwrap()), bits(&o2), "fused merge output, run {run}, splits {nsplit}");
+                assert_eq!(bits(&g.read_f32(out3.ptr, n * h * d).unwrap()), bits(&o2), "cluster merge output, splits {nsplit}");
                 let codes3: Vec<i8> = g.read_i32(q3.ptr, n * h * d / 4).unwrap().iter().flat_map(|w| w.to_le_bytes()).map(|b| b as i8).collect();
-                assert_eq!(codes3, codes, "fused merge Q8_0 codes, run {run}");
-                assert_eq!(bits(&g.read_f32(d3.ptr, n * h * d / 32).unwrap()), bits(&sc), "fused merge Q8_0 scales, run {run}");
-                assert!(g.read_i32(counters.ptr, n * h.div_ceil(4)).unwrap().iter().all(|&c| c == 0), "split counters reset");
+                assert_eq!(codes3, codes, "cluster merge Q8_0 codes, splits {nsplit}");
+                assert_eq!(bits(&g.read_f32(d3.ptr, n * h * d / 32).unwrap()), bits(&sc), "cluster merge Q8_0 scales, splits {nsplit}");
             }
         }
         let got = g.read_f32(out.ptr, n * h * d).unwrap();
@@ -469,6 +473,26 @@ fn router_matches_cpu() {
         for (j, &e) in idx.iter().enumerate() {
             assert_eq!(ge[t * k + j], e as i32, "token {t} slot {j}");
             assert!((gw[t * k + j] - s[e] / sum * 1.5).abs() < 1e-5);
+        }
+    }
+    // hash routing: the table's ids (one repeated) in ascending order, equal
+    // ids in table order; weights normalised in table order
+    let table: Vec<i32> = (0..3 * k).map(|i| if i % k == 1 { ((i / k) * 7 % ne) as i32 } else { rng.gen_range(0..ne as i32) }).collect();
+    let mut table = table;
+    table[k] = table[k + 1]; // token 1's row repeats an id
+    let (dt, tok) = (g.upload(&table).unwrap(), g.upload(&(0..n).map(|t| (t % 3) as i32).collect::<Vec<_>>()).unwrap());
+    launch!(g, "router", (n as u32, 1, 1), (256, 1, 1), 0; dl.ptr, ne as i32, k as i32, db.ptr, dt.ptr, tok.ptr, 1i32, 1.5f32, eids.ptr, ew.ptr).unwrap();
+    let ge = g.read_i32(eids.ptr, n * k).unwrap();
+    let gw = g.read_f32(ew.ptr, n * k).unwrap();
+    for t in 0..n {
+        let row = &table[(t % 3) * k..(t % 3 + 1) * k];
+        let s: Vec<f32> = logits[t * ne..(t + 1) * ne].iter().map(|&v| ops::softplus(v).sqrt()).collect();
+        let sum: f32 = row.iter().map(|&e| s[e as usize]).sum();
+        let mut order: Vec<usize> = (0..k).collect();
+        order.sort_by_key(|&j| row[j]); // stable
+        for (slot, &j) in order.iter().enumerate() {
+            assert_eq!(ge[t * k + slot], row[j], "hash token {t} slot {slot}");
+            assert!((gw[t * k + slot] - s[row[j] as usize] / sum * 1.5).abs() < 1e-5, "hash weight");
         }
     }
     }
@@ -926,6 +950,14 @@ fn q8_quant_and_matvec_match_cpu() {
             let (p1, p2) = (g.read_f32(y1.ptr, want.len()).unwrap(), g.read_f32(y2.ptr, want.len()).unwrap());
             assert!(rel_err(&p1, &want) < 1e-5, "IQ2_XXS pair2, first");
             assert!(rel_err(&p2, &want2) < 1e-5, "IQ2_XXS pair2, second");
+            // with bank-replicated tables: the same integer sums, bit for bit
+            let (r1, r2) = (g.upload(&vec![f32::NAN; want.len()]).unwrap(), g.upload(&vec![f32::NAN; want.len()]).unwrap());
+            launch!(g, "mqp2r_iq2_xxs", (rows.div_ceil(8) as u32, (n_tok * k) as u32, 1), (256, 1, 1), 384 * 32 * 4;
+                dw.ptr, rb as u64, rows as i32, cols as i32, dq.ptr, cols as i32, dd.ptr, (cols / blk) as i32, r1.ptr, rows as i32,
+                de.ptr, (rows * rb) as u64, k as i32, dw2.ptr, r2.ptr).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&g.read_f32(r1.ptr, want.len()).unwrap()), bits(&p1), "IQ2_XXS pair2 replicated tables, first");
+            assert_eq!(bits(&g.read_f32(r2.ptr, want.len()).unwrap()), bits(&p2), "IQ2_XXS pair2 replicated tables, second");
         }
         // grouped tiles over expert-sorted slots (prefill MoE)
         let slots = n_tok * k;

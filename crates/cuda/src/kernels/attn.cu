@@ -796,10 +796,19 @@ __device__ __forceinline__ const float* attn_key(int j, int nwin, int lo, int p0
 extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, const float* fresh, const float* ring, const u8* rows, int rfmt,
                                      const int* sel, const int* cnt, const int* vis, int sel_ld, const float* sinks,
                                      int h_count, int d, int rd, const float* omega, const int* p0p, int win, float scale,
-                                     float* out, float* part, int max_keys, int* combine_cnt, i8* q0, float* d0) {
+                                     float* out, float* part, int max_keys, int cluster, i8* q0, float* d0, int late) PDL_MANUAL {
     // dynamic: HB * max_keys floats (the first max_keys hold this split's
     // compressed-row indices), then red = (warps) * d floats for the
     // cross-warp sum of P.V
+    // In a cluster the dependents (the output projection's persistent
+    // blocks) are released only once every block is past the key loop: when
+    // released at the start they took the SMs that later clusters needed.
+    if (cluster) {
+        pdl_wait();
+        trace_waited();
+    } else {
+        pdl_prologue();
+    }
     extern __shared__ float z[];
     __shared__ __align__(16) float qs[HB * ATT_D];
     __shared__ float oacc[HB * ATT_D];
@@ -964,6 +973,71 @@ extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, c
     }
     __syncthreads();
     trace_mark(23);
+    if (cluster) {
+        // The splits of this (token, head group) are the blocks of one
+        // thread-block cluster: after the cluster barrier, block `split`
+        // merges its share of the HB x d outputs from every block's shared
+        // partial (mx_s, den_s, oacc read through distributed shared memory),
+        // exactly as attn_combine does (same weights, same order of additions
+        // per output), then applies the inverse RoPE and writes o (and its
+        // Q8_0 copy). One kernel and one global round trip fewer per layer.
+        // A second barrier keeps every block's shared memory alive until its
+        // peers have read it.
+        cluster_sync();
+        if (!late) pdl_trigger();
+        trace_mark(24);
+        const int nh = min(HB, h_count - h0);
+        const int F = ((HB * d + nsplit - 1) / nsplit + 31) & ~31;  // outputs per block (whole warps)
+        const int f0 = split * F;
+        for (int k = 0; k < F; k += blockDim.x) {
+            int f = f0 + k + threadIdx.x;                 // flat (head, dim) of this thread
+            int hh = f / d, c = f - hh * d;
+            bool ok = k + (int)threadIdx.x < F && hh < nh;
+            float v = 0.f;
+            if (ok) {
+                // every peer's values requested before any is used (nsplit <= 16)
+                float ms[16], ls[16], os[16];
+#pragma unroll
+                for (int s2 = 0; s2 < 16; s2++)
+                    if (s2 < nsplit) {
+                        ms[s2] = ld_dsmem(&mx_s[hh], s2);
+                        ls[s2] = ld_dsmem(&den_s[hh], s2);
+                        os[s2] = ld_dsmem(&oacc[hh * d + c], s2);
+                    }
+                float sk = sinks[h0 + hh], M = sk;
+#pragma unroll
+                for (int s2 = 0; s2 < 16; s2++)
+                    if (s2 < nsplit) M = fmaxf(M, ms[s2]);
+                float den = expf(sk - M);
+#pragma unroll
+                for (int s2 = 0; s2 < 16; s2++)
+                    if (s2 < nsplit) {
+                        float w = (ms[s2] == NEG_INF) ? 0.f : expf(ms[s2] - M);
+                        den += __fmul_rn(w, ls[s2]);
+                        v = __fmaf_rn(w, os[s2], v);
+                    }
+                v = v / den;
+            }
+            if (late && k == 0) pdl_trigger();
+            trace_mark(26);
+            // inverse RoPE on the tail: pair (2i, 2i+1) sits in lanes (2j, 2j+1)
+            // of one warp (F, d and d - rd are even and F is whole warps)
+            float other = __shfl_xor_sync(0xffffffffu, v, 1);
+            if (ok && c >= d - rd) {
+                int i = (c - (d - rd)) >> 1;
+                float x0 = (c & 1) ? other : v, x1 = (c & 1) ? v : other;
+                rope_pair(&x0, &x1, omega[i], p, true);
+                v = (c & 1) ? x1 : x0;
+            }
+            trace_mark(27);
+            u64 flat = ((u64)t * h_count + h0) * d + f;
+            if (ok) out[flat] = v;
+            if (q0) quant_vals(v, ok, flat, q0, d0, 0, 0);
+        }
+        trace_mark(25);
+        cluster_sync();
+        return;
+    }
     if (nsplit == 1) {
         for (int h = 0; h < HB && h0 + h < h_count; h++) {
             float m = mx_s[h];
@@ -977,82 +1051,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, c
             float* dst = part + (((u64)t * h_count + h0 + h) * nsplit + split) * (d + 2);
             for (int c = threadIdx.x; c < d + 2; c += blockDim.x) dst[c] = (c == 0) ? mx_s[h] : (c == 1) ? den_s[h] : oacc[h * d + c - 2];
         }
-        if (!combine_cnt) return;  // attn_combine merges them
-        // The last split block of this (token, head group) merges the splits
-        // itself, exactly as attn_combine does (same weights, same order of
-        // additions per dim): one kernel boundary fewer per layer. Partials
-        // are published by the fence before the count and read past L1
-        // (ld.cg). All HB heads are merged at once: warp h computes head h's
-        // split weights while every thread's partial loads are in flight.
-        __shared__ int is_last;
-        __shared__ float wsp[HB][64], lws[HB][64];
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int* c = combine_cnt + (u64)t * gridDim.y + g;
-            is_last = atomicAdd(c, 1) == nsplit - 1;
-            if (is_last) *c = 0;  // ready for the next layer / step
-        }
-        __syncthreads();
-        if (!is_last) return;
-        __threadfence();
-        const int nh = min(HB, h_count - h0);
-        const float* pb = part + ((u64)t * h_count + h0) * nsplit * (d + 2);  // head h0's splits
-        // thread outputs: (head, dim) = (o / d, o % d) for o = tid + blockDim * r
-        const int R = HB * ATT_D / 256;  // outputs per thread (blockDim 256)
-        auto load = [&](float (&pv)[R / 2][16], int r0, int s0) {
-#pragma unroll
-            for (int r = 0; r < R / 2; r++)
-#pragma unroll
-                for (int u = 0; u < 16; u++) {
-                    int o = threadIdx.x + blockDim.x * (r0 + r);
-                    int hh = o / d, c = o - hh * d;
-                    pv[r][u] = (hh < nh && s0 + u < nsplit) ? __ldcg(pb + ((u64)hh * nsplit + s0 + u) * (d + 2) + 2 + c) : 0.f;
-                }
-        };
-        float pv[R / 2][16];
-        load(pv, 0, 0);
-        if (wp < nh) {
-            // split weights of head wp by one warp (nsplit <= 64), as attn_combine
-            const float* pp = pb + (u64)wp * nsplit * (d + 2);
-            int l = lane;
-            float m0 = (l < nsplit) ? __ldcg(pp + l * (d + 2)) : NEG_INF, m1 = (l + 32 < nsplit) ? __ldcg(pp + (l + 32) * (d + 2)) : NEG_INF;
-            float l0 = (l < nsplit) ? __ldcg(pp + l * (d + 2) + 1) : 0.f, l1 = (l + 32 < nsplit) ? __ldcg(pp + (l + 32) * (d + 2) + 1) : 0.f;
-            float sk = sinks[h0 + wp];
-            float M = warp_max(fmaxf(sk, fmaxf(m0, m1)));
-            float w0 = (m0 == NEG_INF) ? 0.f : expf(m0 - M), w1 = (m1 == NEG_INF) ? 0.f : expf(m1 - M);
-            if (l < nsplit) { wsp[wp][l] = w0; lws[wp][l] = w0 * l0; }
-            if (l + 32 < nsplit) { wsp[wp][l + 32] = w1; lws[wp][l + 32] = w1 * l1; }
-            __syncwarp();
-            if (l == 0) {
-                float den = expf(sk - M);
-                for (int s2 = 0; s2 < nsplit; s2++) den += lws[wp][s2];
-                den_s[wp] = den;
-            }
-        }
-        __syncthreads();
-        for (int r0 = 0; r0 < R; r0 += R / 2) {
-            float v[R / 2];
-#pragma unroll
-            for (int r = 0; r < R / 2; r++) v[r] = 0.f;
-            for (int s0 = 0; s0 < nsplit; s0 += 16) {
-                if (r0 > 0 || s0 > 0) load(pv, r0, s0);
-#pragma unroll
-                for (int r = 0; r < R / 2; r++) {
-                    int o = threadIdx.x + blockDim.x * (r0 + r);
-                    int hh = o / d;
-#pragma unroll
-                    for (int u = 0; u < 16; u++)
-                        if (hh < nh && s0 + u < nsplit) v[r] += wsp[hh][s0 + u] * pv[r][u];
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < R / 2; r++) {
-                int o = threadIdx.x + blockDim.x * (r0 + r);
-                int hh = o / d, c = o - hh * d;
-                if (hh < nh) oacc[hh * d + c] = v[r] / den_s[hh];
-            }
-        }
+        return;  // attn_combine merges them
     }
     __syncthreads();
     for (int h = 0; h < HB && h0 + h < h_count; h++) {
@@ -1075,14 +1074,25 @@ extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, c
 
 // Merge the splits of sink_attn: o = sum_s e^(m_s-M) o_s / (sum_s e^(m_s-M) l_s + e^(sink-M)).
 extern "C" __global__ void attn_combine(const float* part, int nsplit, const float* sinks, int h_count, int d, int rd,
-                                        const float* omega, const int* p0p, float* out, i8* q0, float* d0) {
+                                        const float* omega, const int* p0p, float* out, i8* q0, float* d0, int late) PDL_MANUAL {
     // (q0, d0: when set, `out` is also written as Q8_0 codes and scales, the
     // input of the grouped output projection in 8-bit mode; blockDim 128)
+    // late: dependents released only after the partials are read (A/B)
+    if (late) {
+        pdl_wait();
+        trace_waited();
+    } else {
+        pdl_prologue();
+    }
     __shared__ float o[MAXD];
     __shared__ float wsp[64], lw_s[64];
     __shared__ float den_s;
     int t = blockIdx.x, h = blockIdx.y;
     int p = *p0p + t;
+    // block z merges dims [cb, ce) (gridDim.z chunks of whole warps: fewer
+    // partial loads per thread, which bounded this kernel)
+    int cz = ((d + gridDim.z - 1) / gridDim.z + 31) & ~31;
+    int cb = min(d, (int)blockIdx.z * cz), ce = min(d, cb + cz);
     const float* pp = part + ((u64)t * h_count + h) * nsplit * (d + 2);
     // The partial values of this thread's dims (4 x blockDim at a time, 16
     // splits per batch) are loaded before the split weights exist (they only
@@ -1094,8 +1104,8 @@ extern "C" __global__ void attn_combine(const float* part, int nsplit, const flo
         for (int r = 0; r < 4; r++)
 #pragma unroll
             for (int u = 0; u < 16; u++) {
-                int i = c0 + r * blockDim.x + threadIdx.x;
-                pv[r][u] = (i < d && s0 + u < nsplit) ? pp[(s0 + u) * (d + 2) + 2 + i] : 0.f;
+                int i = cb + c0 + r * blockDim.x + threadIdx.x;
+                pv[r][u] = (i < ce && s0 + u < nsplit) ? pp[(s0 + u) * (d + 2) + 2 + i] : 0.f;
             }
     };
     load(0, 0);
@@ -1122,8 +1132,9 @@ extern "C" __global__ void attn_combine(const float* part, int nsplit, const flo
         }
     }
     __syncthreads();
+    if (late) pdl_trigger();
     trace_mark(11);
-    for (int c0 = 0; c0 < d; c0 += 4 * blockDim.x) {
+    for (int c0 = 0; c0 < ce - cb; c0 += 4 * blockDim.x) {
         // per dim: v = sum over splits in order of w_s * o_s, then / den
         float v[4] = {0.f, 0.f, 0.f, 0.f};
         for (int s0 = 0; s0 < nsplit; s0 += 16) {
@@ -1133,23 +1144,24 @@ extern "C" __global__ void attn_combine(const float* part, int nsplit, const flo
                 if (s0 + u < nsplit) {
                     float w = wsp[s0 + u];
 #pragma unroll
-                    for (int r = 0; r < 4; r++) v[r] += w * pv[r][u];
+                    for (int r = 0; r < 4; r++) v[r] = __fmaf_rn(w, pv[r][u], v[r]);
                 }
         }
 #pragma unroll
         for (int r = 0; r < 4; r++) {
-            int i = c0 + r * blockDim.x + threadIdx.x;
-            if (i < d) o[i] = v[r] / den_s;
+            int i = cb + c0 + r * blockDim.x + threadIdx.x;
+            if (i < ce) o[i] = v[r] / den_s;
         }
     }
     __syncthreads();
     trace_mark(12);
-    for (int i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_pair(&o[d - rd + 2 * i], &o[d - rd + 2 * i + 1], omega[i], p, true);
+    for (int i = threadIdx.x; i < rd / 2; i += blockDim.x)
+        if (d - rd + 2 * i >= cb && d - rd + 2 * i < ce) rope_pair(&o[d - rd + 2 * i], &o[d - rd + 2 * i + 1], omega[i], p, true);
     __syncthreads();
     trace_mark(13);
-    for (int b0 = 0; b0 < d; b0 += blockDim.x) {
+    for (int b0 = cb; b0 < ce; b0 += blockDim.x) {
         int i = b0 + threadIdx.x;
-        bool ok = i < d;
+        bool ok = i < ce;
         float v = ok ? o[i] : 0.f;
         u64 flat = ((u64)t * h_count + h) * d + i;
         if (ok) out[flat] = v;

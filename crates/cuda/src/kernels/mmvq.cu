@@ -148,6 +148,43 @@ __device__ __forceinline__ void iq2_group_vals(u32 a0, u32 a1, const u32* gsel, 
     }
 }
 
+// Replicated look-up tables (the paired decode kernel's `rep` variant):
+// entry e for lane l at word e * 32 + l, so a warp's 32 random look-ups hit
+// 32 different banks (one wavefront; one shared copy averaged ~3.5 for
+// random indices). Entries 0..255: the grid selectors (IQ2_GSEL); 256..383:
+// sign_sel of each 7-bit sign index, so the signs cost one load instead of
+// ~10 integer instructions per 8 values (the kernel is issue-bound).
+#define IQ2_REP_ENTRIES 384
+__device__ __forceinline__ void stage_iq2_rep(u32* tab) {
+    int lane = threadIdx.x & 31;
+    for (int e = threadIdx.x; e < IQ2_REP_ENTRIES; e += blockDim.x) {
+        u32 v = e < 256 ? IQ2_GSEL[e] : sign_sel((u32)(e - 256));
+        uint4 v4 = make_uint4(v, v, v, v);
+        // the 8 chunks of the entry in a lane-rotated order: the 8 lanes of a
+        // store phase write 8 different bank groups
+#pragma unroll
+        for (int i = 0; i < 8; i++) *(uint4*)(tab + e * 32 + 4 * ((i + lane) & 7)) = v4;
+    }
+    __syncthreads();
+}
+// iq2_group_vals through the replicated tables (tl = tab + lane). Byte
+// offsets built as (index << 7) | (lane << 2): one shift and one LOP3 per
+// look-up (index * 32 + lane then * 4 took three instructions).
+__device__ __forceinline__ void iq2_group_vals_rep(u32 a0, u32 a1, const u32* tl, int (&v)[8], u32 pos, u32 neg) {
+    const char* tb = (const char*)(tl - (threadIdx.x & 31));
+    u32 l4 = (threadIdx.x & 31) << 2;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        // grid index: bits 8k..8k+7 of a0 -> bits 7..14; sign index: bits
+        // 7k..7k+6 of a1 -> bits 7..13 (entries 256.. start at byte 32768)
+        u32 gi = (k == 0 ? a0 << 7 : a0 >> (8 * k - 7)) & 0x7F80u;
+        u32 si = (k == 0 ? a1 << 7 : k == 1 ? a1 : a1 >> (7 * k - 7)) & 0x3F80u;
+        u32 sel = *(const u32*)(tb + (gi | l4)) | *(const u32*)(tb + 32768 + (si | l4));
+        v[2 * k] = (int)prmt_raw(pos, neg, sel);
+        v[2 * k + 1] = (int)prmt_raw(pos, neg, sel >> 16);
+    }
+}
+
 // A lane's IQ2_XXS group g of block b (66 bytes: f16 scale, then 8 bytes
 // per group): the scale, the 4 grid indices (a0) and signs + scale (a1).
 __device__ __forceinline__ void iq2_load(const u8* wr, int b, int g, float& d, u32& a0, u32& a1) {
@@ -378,6 +415,7 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
 // groups per lane: those costs were a quarter of the paired kernel's
 // instructions), and both rows' weight loads are in flight together. Lane
 // mapping and the order of the additions per row are those of row_dotq.
+template <bool REP>
 __device__ __forceinline__ void iq2_pair_dot(const u8* w1, const u8* w2, int cols, const i8* xq, const float* xd, int lane,
                                              const u32* gsel, float& acc1, float& acc2) {
     int nb = cols / 256;
@@ -412,7 +450,8 @@ __device__ __forceinline__ void iq2_pair_dot(const u8* w1, const u8* w2, int col
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 int v[8];
-                iq2_group_vals(A0[r][u], A1[r][u], gsel, v, pos, neg);
+                if (REP) iq2_group_vals_rep(A0[r][u], A1[r][u], gsel, v, pos, neg);
+                else iq2_group_vals(A0[r][u], A1[r][u], gsel, v, pos, neg);
                 float fs = D[r][u] * 0.125f * (float)(2 * (int)(A1[r][u] >> 28) + 1);
                 int s = __dp4a(v[0], xa.x, __dp4a(v[1], xa.y, __dp4a(v[2], xa.z, __dp4a(v[3], xa.w, 0))));
                 s = __dp4a(v[4], xb.x, __dp4a(v[5], xb.y, __dp4a(v[6], xb.z, __dp4a(v[7], xb.w, s))));
@@ -535,9 +574,8 @@ MQ_TYPE(iq2_xxs, T_IQ2_XXS)
 
 // Paired IQ2_XXS decode product (see iq2_pair_dot): grid (ceil(rows / 8),
 // slots), 256 threads; y1[s] = W1[eids[s]] xq[s / x_group], y2[s] likewise.
-extern "C" __global__ void mqp2_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2) {
-    __shared__ u32 gsel[256];
-    stage_iq2<T_IQ2_XXS>(gsel);
+template <bool REP>
+__device__ __forceinline__ void mqp2_body(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2, u32* tab) {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
@@ -547,13 +585,25 @@ extern "C" __global__ void mqp2_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_byt
     const u8* w2 = W2 + eo + (u64)row * row_bytes;
     int xr = eids ? s / x_group : 0;
     float acc1 = 0.f, acc2 = 0.f;
-    iq2_pair_dot(w1, w2, cols, xq + (u64)xr * xqs, xd + (u64)xr * xds, lane, gsel, acc1, acc2);
+    iq2_pair_dot<REP>(w1, w2, cols, xq + (u64)xr * xqs, xd + (u64)xr * xds, lane, REP ? tab + lane : tab, acc1, acc2);
     acc1 = warp_sum(acc1);
     acc2 = warp_sum(acc2);
     if (lane == 0) {
         y[(u64)s * ys + row] = acc1;
         y2[(u64)s * ys + row] = acc2;
     }
+}
+extern "C" __global__ void mqp2_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2) {
+    __shared__ u32 gsel[256];
+    stage_iq2<T_IQ2_XXS>(gsel);
+    mqp2_body<false>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, eids, expert_bytes, x_group, W2, y2, gsel);
+}
+// The same with the replicated tables (dynamic shared IQ2_REP_ENTRIES * 32
+// words, 48 KB); bit for bit mqp2_iq2_xxs.
+extern "C" __global__ void mqp2r_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2) {
+    extern __shared__ u32 tab[];
+    stage_iq2_rep(tab);
+    mqp2_body<true>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, eids, expert_bytes, x_group, W2, y2, tab);
 }
 
 // --- persistent single-token Q8_0 products ------------------------------------

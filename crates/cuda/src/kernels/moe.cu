@@ -1,15 +1,14 @@
 // MoE routing and combination (spec §10). One block (or thread) per token.
 
-// From router logits [n][ne] to (expert id, weight) per slot [n][k], the k
-// slots of a token sorted by expert id so the reduction adds experts in
-// ascending order, like the reference's per-expert loop. One block per token:
-// scores in parallel, then warp 0 picks the top k (ties to the lower id).
-extern "C" __global__ void router(const float* logits, int ne, int k, const float* bias, const int* tid2eid, const int* tok,
-                                  int norm, float route_scale, int* eids, float* ew) {
-    __shared__ float sc[1024], bs[1024];
-    __shared__ int ids[16];
-    int t = blockIdx.x;
-    const float* l = logits + (u64)t * ne;
+// Routing of one token by a whole block (spec §10): from its logits l[ne] to
+// k (expert id, weight) pairs sorted by expert id, left in shared ids / ws
+// for every thread of the block (it synchronises; call it uniformly). The k
+// slots are sorted by expert id so the reduction adds experts in ascending
+// order, like the reference's per-expert loop. Scores in parallel, then warp
+// 0 picks the top k (ties to the lower id); hash layers (tid: this token's
+// row of tid2eid) take their ids from the table. sc / bs: ne floats each.
+__device__ __forceinline__ void route_block(const float* l, int ne, int k, const float* bias, const int* tid, int norm, float route_scale,
+                                            float* sc, float* bs, int* ids, float* ws) {
     for (int e = threadIdx.x; e < ne; e += blockDim.x) {
         float x = l[e];
         float s = sqrtf(x > 20.f ? x : log1pf(expf(x)));
@@ -17,67 +16,84 @@ extern "C" __global__ void router(const float* logits, int ne, int k, const floa
         bs[e] = s + (bias ? bias[e] : 0.f);
     }
     __syncthreads();
-    if (threadIdx.x >= 32) return;
     int lane = threadIdx.x;
-    if (tid2eid) {
-        if (lane < k) ids[lane] = tid2eid[(u64)tok[t] * k + lane];
-    } else if (ne <= 256) {
-        // the same selection with each lane's (at most 8) biased scores in
-        // registers: no shared-memory round trip per pick (k dependent picks)
-        float bv8[8];
+    if (threadIdx.x < 32) {
+        if (tid) {
+            if (lane < k) ids[lane] = tid[lane];
+        } else if (ne <= 256) {
+            // each lane's (at most 8) biased scores in registers: no
+            // shared-memory round trip per pick (k dependent picks)
+            float bv8[8];
 #pragma unroll
-        for (int u = 0; u < 8; u++) bv8[u] = (u * 32 + lane < ne) ? bs[u * 32 + lane] : NEG_INF;
-        for (int j = 0; j < k; j++) {
-            float bv = NEG_INF;
-            int bi = 0x7fffffff;
+            for (int u = 0; u < 8; u++) bv8[u] = (u * 32 + lane < ne) ? bs[u * 32 + lane] : NEG_INF;
+            for (int j = 0; j < k; j++) {
+                float bv = NEG_INF;
+                int bi = 0x7fffffff;
 #pragma unroll
-            for (int u = 0; u < 8; u++)
-                if (bv8[u] > bv) { bv = bv8[u]; bi = u * 32 + lane; }  // ascending e: strict > keeps the lower id
+                for (int u = 0; u < 8; u++)
+                    if (bv8[u] > bv) { bv = bv8[u]; bi = u * 32 + lane; }  // ascending e: strict > keeps the lower id
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-                int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-                if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+                for (int o = 16; o > 0; o >>= 1) {
+                    float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                    int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                    if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+                }
+                if (lane == 0) ids[j] = bi;
+#pragma unroll
+                for (int u = 0; u < 8; u++)
+                    if (u * 32 + lane == bi) bv8[u] = NEG_INF;
             }
-            if (lane == 0) ids[j] = bi;
+        } else {
+            for (int j = 0; j < k; j++) {
+                float bv = NEG_INF;
+                int bi = 0x7fffffff;
+                for (int e = lane; e < ne; e += 32) {
+                    float v = bs[e];
+                    if (v > bv) { bv = v; bi = e; }  // ascending e: strict > keeps the lower id
+                }
 #pragma unroll
-            for (int u = 0; u < 8; u++)
-                if (u * 32 + lane == bi) bv8[u] = NEG_INF;
+                for (int o = 16; o > 0; o >>= 1) {
+                    float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                    int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                    if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+                }
+                if (lane == 0) { ids[j] = bi; bs[bi] = NEG_INF; }
+                __syncwarp();
+            }
         }
-    } else {
-        for (int j = 0; j < k; j++) {
-            float bv = NEG_INF;
-            int bi = 0x7fffffff;
-            for (int e = lane; e < ne; e += 32) {
-                float v = bs[e];
-                if (v > bv) { bv = v; bi = e; }  // ascending e: strict > keeps the lower id
-            }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-                int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-                if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-            }
-            if (lane == 0) { ids[j] = bi; bs[bi] = NEG_INF; }
-            __syncwarp();
-        }
-    }
-    __syncwarp();
-    if (lane == 0) {
-        int id[16];
-        float w[16];
+        __syncwarp();
+        // lane j < k: pick j's id and weight; the sum in pick order (as the
+        // reference), then each pick's place in ascending id order by
+        // counting (equal ids, possible in a hash table, keep pick order, as
+        // the insertion sort did): no per-lane arrays in local memory
+        int id = lane < k ? ids[lane] : 0x7fffffff;
+        float w = lane < k ? sc[id] : 0.f;
         float sum = 0.f;
-        for (int j = 0; j < k; j++) { id[j] = ids[j]; w[j] = sc[id[j]]; sum += w[j]; }
-        for (int j = 0; j < k; j++) w[j] = (norm ? w[j] / sum : w[j]) * route_scale;
-        for (int a = 1; a < k; a++)
-            for (int b = a; b > 0 && id[b - 1] > id[b]; b--) {
-                int ti = id[b]; id[b] = id[b - 1]; id[b - 1] = ti;
-                float tw = w[b]; w[b] = w[b - 1]; w[b - 1] = tw;
-            }
+        for (int j = 0; j < k; j++) sum += __shfl_sync(0xffffffffu, w, j);
+        w = (norm ? w / sum : w) * route_scale;
+        int at = 0;
         for (int j = 0; j < k; j++) {
-            eids[(u64)t * k + j] = id[j];
-            ew[(u64)t * k + j] = w[j];
+            int o = __shfl_sync(0xffffffffu, id, j);
+            at += o < id || (o == id && j < lane);
         }
+        __syncwarp();
+        if (lane < k) { ids[at] = id; ws[at] = w; }
+    }
+    __syncthreads();
+}
+
+// From router logits [n][ne] to (expert id, weight) per slot [n][k] (k <= 16,
+// ne <= 1024). One block per token.
+extern "C" __global__ void router(const float* logits, int ne, int k, const float* bias, const int* tid2eid, const int* tok,
+                                  int norm, float route_scale, int* eids, float* ew) {
+    __shared__ float sc[1024], bs[1024];
+    __shared__ int ids[16];
+    __shared__ float ws[16];
+    int t = blockIdx.x;
+    route_block(logits + (u64)t * ne, ne, k, bias, tid2eid ? tid2eid + (u64)tok[t] * k : 0, norm, route_scale, sc, bs, ids, ws);
+    if (threadIdx.x < k) {
+        eids[(u64)t * k + threadIdx.x] = ids[threadIdx.x];
+        ew[(u64)t * k + threadIdx.x] = ws[threadIdx.x];
     }
 }
 

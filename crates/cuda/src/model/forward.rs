@@ -6,6 +6,41 @@ use super::*;
 
 /// Most key splits of a single-token attention step (env DSV4_ATTN_SPLIT,
 /// 1..=MAX_SPLIT, for experiments; default 16).
+/// Decode attention splits merged inside one thread-block cluster of this
+/// many blocks (sm_90; env DSV4_ATTN_CLUSTER: 0 = separate attn_combine,
+/// else 2..16).
+fn attn_cluster() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| match std::env::var("DSV4_ATTN_CLUSTER").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(0) => 0,
+        Some(v) => v.clamp(2, 16),
+        None => 0,
+    })
+}
+
+/// The decode IQ2_XXS gate / up pair kernel: None = the generic paired
+/// kernel (env DSV4_IQ2_PAIR=0), Some(false) = one shared copy of the grid
+/// table and the signs by arithmetic (DSV4_IQ2_REP=0), Some(true) = the
+/// bank-replicated tables. Env read once, for A/B runs.
+fn iq2_pair_kernel() -> Option<bool> {
+    static V: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        let on = |k: &str| std::env::var(k).map(|v| v != "0").unwrap_or(true);
+        on("DSV4_IQ2_PAIR").then(|| on("DSV4_IQ2_REP"))
+    })
+}
+
+/// Dynamic shared memory of the replicated-table IQ2 kernels (mmvq.cu
+/// IQ2_REP_ENTRIES x 32 words).
+const IQ2_REP_SHMEM: u32 = 384 * 32 * 4;
+
+/// The attention merge releases the output projection only after it has
+/// read the partials (env DSV4_LATE_TRIGGER=1, an experiment).
+fn late_trigger() -> i32 {
+    static V: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("DSV4_LATE_TRIGGER").is_ok_and(|v| v == "1") as i32)
+}
+
 fn attn_split_max() -> usize {
     static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *V.get_or_init(|| std::env::var("DSV4_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(16).clamp(1, MAX_SPLIT))
@@ -239,12 +274,11 @@ impl GpuModel {
             return Ok(());
         }
         let rpb = Self::mq_grid(&w1).1;
-        // (DSV4_IQ2_PAIR=0: the older kernel, for A/B runs; read once)
-        static PAIR2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let pair2 = *PAIR2.get_or_init(|| std::env::var("DSV4_IQ2_PAIR").map(|v| v != "0").unwrap_or(true));
-        if w1.ty == GgmlType::IQ2_XXS && pair2 {
-            // one warp per row of both matrices (mmvq.cu iq2_pair_dot)
-            return launch!(self.gpu, "mqp2_iq2_xxs", (w1.rows.div_ceil(8) as u32, slots as u32, 1), (256, 1, 1), 0;
+        if let (GgmlType::IQ2_XXS, Some(rep)) = (w1.ty, iq2_pair_kernel()) {
+            // one warp per row of both matrices (mmvq.cu iq2_pair_dot); `rep`:
+            // bank-replicated look-up tables (48 KB of dynamic shared memory)
+            let (name, shm) = if rep { ("mqp2r_iq2_xxs", IQ2_REP_SHMEM) } else { ("mqp2_iq2_xxs", 0) };
+            return launch!(self.gpu, name, (w1.rows.div_ceil(8) as u32, slots as u32, 1), (256, 1, 1), shm;
                 w1.ptr, w1.row_bytes as u64, w1.rows as i32, w1.cols as i32, qa.q, qa.qs as i32, qa.d, qa.ds as i32,
                 y1, ys as i32, eids, w1.expert_bytes(), x_group as i32, w2.ptr, y2);
         }
@@ -328,15 +362,15 @@ impl GpuModel {
 
     /// The HC mix products fn . x (`rows` of them per token) into the `mixes`
     /// scratch; returns (partials, stride) for hc_pre / hc_head to add. A
-    /// single decode token splits each long F16 row over 4 blocks.
+    /// single decode token splits each long F16 row over 8 blocks.
     fn hc_mixes(&self, hc: &GHc, x: u64, n: usize, rows: usize) -> Result<(i32, i32)> {
         let c = &self.cfg;
         let md = c.hc * c.dim;
         // (blocks per row; env DSV4_MIX_PARTS for A/B runs, 1..=8: 2 / 4 / 8
-        // measured 7.26 / 7.18-7.20 / 7.14 ms at 4K, q8, one H200; 8 is not yet
-        // through the GPU suite, so 4 stays)
+        // measured 7.26 / 7.18-7.20 / 7.14 ms at 4K, q8, one H200; later
+        // 7.12 (4) vs 7.08 (8))
         static P: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let parts = *P.get_or_init(|| std::env::var("DSV4_MIX_PARTS").ok().and_then(|v| v.parse().ok()).unwrap_or(4usize).clamp(1, 8));
+        let parts = *P.get_or_init(|| std::env::var("DSV4_MIX_PARTS").ok().and_then(|v| v.parse().ok()).unwrap_or(8usize).clamp(1, 8));
         if n == 1 && hc.fn_.ty == GgmlType::F16 && md % 8 == 0 && parts * rows <= self.s.n * (2 + c.hc) * c.hc {
             launch!(self.gpu, "mvks_f16", (rows as u32, parts as u32, 1), (256, 1, 1), 0;
                 hc.fn_.buf.ptr, hc.fn_.row_bytes as u64, md as i32, x, self.s.mixes.ptr, rows as i32)?;
@@ -645,6 +679,17 @@ impl GpuModel {
         }
         self.gpu.join(j_kv)?;
         self.gpu.join(j_comp)?;
+        // The HC-weights branch (read only by hc_post) is long done by now:
+        // joined here, where the attention kernel already waits on several
+        // branches, it costs no kernel its programmatic launch (env
+        // DSV4_HCJ=late: before o_b's input quantisation, for A/B runs)
+        static HCJ_LATE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let mut jw = jw;
+        if !*HCJ_LATE.get_or_init(|| std::env::var("DSV4_HCJ").is_ok_and(|v| v == "late")) {
+            if let Some(j) = jw.take() {
+                self.gpu.join(j)?;
+            }
+        }
         // attention over window + compressed rows
         // key-count bound from the capacity, not the position (graph replay)
         let _ = p0;
@@ -657,26 +702,29 @@ impl GpuModel {
         // single-token steps split the keys over several blocks (flash-decoding)
         // (16 keys per split at most: a warp's keys are dependent DRAM round
         // trips, so short splits keep the kernel off the latency chain)
-        let nsplit = if n == 1 { max_keys.div_ceil(16).clamp(1, attn_split_max()) } else { 1 };
+        // sm_90 decode: the splits are one thread-block cluster that merges
+        // them in distributed shared memory (no attn_combine)
+        let cluster = if n == 1 && self.gpu.cc.0 >= 9 { attn_cluster() } else { 0 };
+        let nsplit = if cluster > 0 { cluster } else if n == 1 { max_keys.div_ceil(16).clamp(1, attn_split_max()) } else { 1 };
         let per = max_keys.div_ceil(nsplit);
         const HB: usize = 4;
         let part = self.s.part.ptr;
         // 8-bit mode: the merge also writes o as Q8_0 for the output projection
         let fo = nsplit > 1 && self.uses_q8(b.o_a.ty) && b.o_a.ty == GgmlType::Q8_0 && (h * hd / c.o_groups) % 32 == 0 && hd <= 1024 && hd % 32 == 0;
-        // decode: the splits merged by the last split block of each head group
-        // (env DSV4_FUSED_MERGE=0: the separate attn_combine, for A/B runs)
-        static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let fused = nsplit > 1 && n == 1 && hd <= 512 && *FUSED.get_or_init(|| std::env::var("DSV4_FUSED_MERGE").map(|v| v != "0").unwrap_or(true));
-        let (mq0, md0) = if fused && fo { (self.s.fo.q0.ptr, self.s.fo.d0.ptr) } else { (0u64, 0u64) };
+        let (q0, d0) = if fo { (self.s.fo.q0.ptr, self.s.fo.d0.ptr) } else { (0u64, 0u64) };
+        let (mq0, md0) = if cluster > 0 { (q0, d0) } else { (0u64, 0u64) };
         // dynamic shared: HB x per scores + 8 warps x hd for the P.V sum
-        launch!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), ((HB * per + 8 * hd) * F) as u32;
+        launch_cluster!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), ((HB * per + 8 * hd) * F) as u32, cluster.max(1) as u32;
             q, kv, st.ring.ptr, rows_ptr, rfmt, sel_ptr, self.s.cnt.ptr, self.s.vis.ptr, sel_ld as i32, b.sinks.ptr,
             h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o, part, per as i32,
-            if fused { self.s.acnt.ptr } else { 0u64 }, mq0, md0)?;
-        if nsplit > 1 && !fused {
-            let (q0, d0) = if fo { (self.s.fo.q0.ptr, self.s.fo.d0.ptr) } else { (0u64, 0u64) };
-            launch!(self.gpu, "attn_combine", (1, h as u32, 1), (128, 1, 1), 0;
-                part, nsplit as i32, b.sinks.ptr, h as i32, hd as i32, rd as i32, omega, pp, o, q0, d0)?;
+            cluster as i32, mq0, md0, late_trigger())?;
+        if nsplit > 1 && cluster == 0 {
+            // (dims in chunks of 128 over grid z; env DSV4_COMBINE_Z, 1..=8)
+            static CZ: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+            let cz = *CZ.get_or_init(|| std::env::var("DSV4_COMBINE_Z").ok().and_then(|v| v.parse().ok()).unwrap_or(4usize).clamp(1, 8));
+            let cz = if hd % (32 * cz) == 0 { cz } else { 1 };
+            launch!(self.gpu, "attn_combine", (1, h as u32, cz as u32), (128, 1, 1), 0;
+                part, nsplit as i32, b.sinks.ptr, h as i32, hd as i32, rd as i32, omega, pp, o, q0, d0, late_trigger())?;
         }
         let stored = n.min(c.window);
         if n > 1 {
@@ -744,6 +792,25 @@ impl GpuModel {
         Ok((yk, ysh, pos))
     }
 
+    /// Decode MoE after the gate / up products: swiglu (weighted, 8-bit copy
+    /// for the down products) and the down products per slot.
+    fn routed_tail(&self, b: &GBlock, n: usize, slots: usize) -> Result<()> {
+        let c = &self.cfg;
+        let (d, ff) = (c.dim, c.expert_ff);
+        let s = &self.s;
+        let (eids, ew, g, up, hbuf, yk) = (s.eids.ptr, s.ew.ptr, s.g.ptr, s.up.ptr, s.h.ptr, s.yk.ptr);
+        let limit = c.swiglu_limits[b.layer];
+        debug_assert_eq!(n, 1);
+        let dty = b.down_exps.ty;
+        let (q0, d0, qk, dk) = self.s.fh.args(self.q8, dty == GgmlType::Q8_0, Self::is_k(dty));
+        launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
+            g, up, ew, ff as i32, slots as i32, limit, hbuf, 0u64, q0, d0, qk, dk)?;
+        match self.fused(&self.s.fh, dty) {
+            Some(qa) => self.mvq_experts(b.down_exps.r(), qa, 1, yk, d, slots, eids),
+            None => self.mv_experts(b.down_exps.r(), hbuf, ff, 1, yk, d, slots, eids),
+        }
+    }
+
     /// Router and routed experts of `moe` (yk; `pos` set when the slots were
     /// sorted by expert).
     fn routed(&self, b: &GBlock, n: usize, pos: &mut u64) -> Result<()> {
@@ -755,15 +822,15 @@ impl GpuModel {
         self.mv(b.gate.r(), a, d, rlog, ne, n)?;
         let bias = b.bias.as_ref().map(|x| x.ptr).unwrap_or(0);
         let tid = b.tid2eid.as_ref().map(|x| x.ptr).unwrap_or(0);
+        let slots = n * k;
+        let (gt, ut) = (b.gate_exps.r(), b.up_exps.r());
         launch!(self.gpu, "router", (n as u32, 1, 1), (256, 1, 1), 0;
             rlog, ne as i32, k as i32, bias, tid, self.s.tok.ptr, c.weights_norm as i32, c.route_scale, eids, ew)?;
-        let slots = n * k;
         if n == 1 {
             // decode: one matvec per (token, expert) slot, expert id read on the device
             // 8-bit mode: gate / up take HcPre's fused copy of `a`, down the
             // copy swiglu writes
             let fa = |ty: GgmlType| self.fused(&self.s.fa, ty);
-            let (gt, ut) = (b.gate_exps.r(), b.up_exps.r());
             match (fa(gt.ty), fa(ut.ty)) {
                 // gate and up of all slots in one launch
                 (Some(qa), Some(_)) if gt.ty == ut.ty && gt.rows == ut.rows => self.mvq_pair(gt, ut, qa, k, g, up, ff, slots, eids)?,
@@ -778,14 +845,7 @@ impl GpuModel {
                     }
                 }
             }
-            let dty = b.down_exps.ty;
-            let (q0, d0, qk, dk) = self.s.fh.args(self.q8, dty == GgmlType::Q8_0, Self::is_k(dty));
-            launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
-                g, up, ew, ff as i32, slots as i32, limit, hbuf, 0u64, q0, d0, qk, dk)?;
-            match self.fused(&self.s.fh, dty) {
-                Some(qa) => self.mvq_experts(b.down_exps.r(), qa, 1, yk, d, slots, eids)?,
-                None => self.mv_experts(b.down_exps.r(), hbuf, ff, 1, yk, d, slots, eids)?,
-            }
+            self.routed_tail(b, n, slots)?;
         } else {
             // prefill: slots sorted by expert, each expert's weights read once
             // per tile of up to 8 tokens instead of once per token

@@ -14,7 +14,7 @@ use dsv4_gguf::GgmlType;
 
 use crate::device::{DevBuf, Gpu};
 use crate::error::{CudaError, Result};
-use crate::launch;
+use crate::{launch, launch_cluster};
 
 mod forward;
 mod state;
@@ -215,7 +215,6 @@ pub(crate) struct Scratch {
     cnt: DevBuf,
     o: DevBuf,
     part: DevBuf,
-    acnt: DevBuf,
     u: DevBuf,
     f: DevBuf,
     rlog: DevBuf,
@@ -501,8 +500,6 @@ impl Scratch {
             cnt: f(n)?,
             o: f(n * h * hd)?,
             part: f(h * MAX_SPLIT * (hd + 2))?,
-            // sink_attn's split counters per head group (decode; zero between uses)
-            acnt: g.upload(&vec![0i32; h.div_ceil(4)])?,
             u: f(n * c.o_groups * c.o_lora_rank)?,
             f: f(n * d)?,
             rlog: f(n * c.n_experts)?,
