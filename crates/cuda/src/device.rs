@@ -80,6 +80,12 @@ pub struct Gpu {
     shmem_limit: std::cell::RefCell<HashMap<String, u32>>,
     /// `resident_blocks` answers
     resident: std::cell::RefCell<HashMap<String, u32>>,
+    /// Streams (bit i: stream index i, 0 main) whose kernels launch at the
+    /// greatest priority `hi_prio` (`set_high_priority`: the block scheduler
+    /// dispatches their blocks first as slots free up; captured graphs keep
+    /// them as node priorities)
+    prio_mask: std::cell::Cell<u32>,
+    hi_prio: i32,
 }
 
 // The context is made current on whichever thread uses the Gpu (see `bind`);
@@ -124,13 +130,22 @@ impl Gpu {
         let events = (0..64)
             .map(|_| cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(drv("cuEventCreate")))
             .collect::<Result<Vec<_>>>()?;
+        let (mut least, mut hi_prio) = (0i32, 0i32);
+        unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut hi_prio) }.result().map_err(drv("cuCtxGetStreamPriorityRange"))?;
+        let prio_mask = 0u32.into();
         let cubin = compile((major, minor))?;
         let ablate = std::env::var("DSV4_ABLATE").map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect()).unwrap_or_default();
         let module = unsafe { cu::module::load_data(cubin.as_ptr() as *const c_void) }.map_err(drv("cuModuleLoadData"))?;
-        Ok(Gpu { name, cc: (major, minor), total_mem, sms, ctx, stream, side, cur: 0.into(), events, next_event: 0.into(), module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default(), pdl: major >= 9 && std::env::var("DSV4_PDL").map(|v| v != "0").unwrap_or(true), ablate, shmem_limit: Default::default(), resident: Default::default() })
+        Ok(Gpu { name, cc: (major, minor), total_mem, sms, ctx, stream, side, cur: 0.into(), events, next_event: 0.into(), module, funcs: Default::default(), allocated: 0.into(), capturing: false.into(), profile: Default::default(), pdl: major >= 9 && std::env::var("DSV4_PDL").map(|v| v != "0").unwrap_or(true), ablate, shmem_limit: Default::default(), resident: Default::default(), prio_mask, hi_prio })
     }
 
     /// Index of the stream work is queued on now: 0 = main, i = side stream i.
+    /// Launch the kernels of these streams (0 main, 1.. side) at the
+    /// greatest stream priority from now on.
+    pub fn set_high_priority(&self, streams: &[usize]) {
+        self.prio_mask.set(streams.iter().filter(|&&i| i <= self.side.len()).fold(0, |m, &i| m | 1 << i));
+    }
+
     pub fn cur_index(&self) -> usize {
         self.cur.get()
     }
@@ -393,10 +408,11 @@ impl Gpu {
         } else {
             None
         };
-        if self.pdl || cluster_z > 1 {
+        let prio = self.prio_mask.get() >> self.cur.get() & 1 == 1;
+        if self.pdl || cluster_z > 1 || prio {
             // programmatic dependent launch: this kernel may be scheduled while
             // the previous one in the stream drains; its prologue waits
-            let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+            let mut attrs: [sys::CUlaunchAttribute; 3] = unsafe { std::mem::zeroed() };
             let mut na = 0;
             if self.pdl {
                 attrs[na].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -408,6 +424,11 @@ impl Gpu {
                 attrs[na].value.clusterDim.x = 1;
                 attrs[na].value.clusterDim.y = 1;
                 attrs[na].value.clusterDim.z = cluster_z;
+                na += 1;
+            }
+            if prio {
+                attrs[na].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY;
+                attrs[na].value.priority = self.hi_prio;
                 na += 1;
             }
             let cfg = sys::CUlaunchConfig {
@@ -485,7 +506,7 @@ impl Gpu {
     pub fn end_capture(&self) -> Result<Graph> {
         self.capturing.set(false);
         let graph = unsafe { cu::stream::end_capture(self.stream) }.map_err(drv("cuStreamEndCapture"))?;
-        let exec = unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }.map_err(drv("cuGraphInstantiate"))?;
+        let exec = unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY) }.map_err(drv("cuGraphInstantiate"))?;
         Ok(Graph { exec, graph })
     }
     pub fn launch_graph(&self, g: &Graph) -> Result<()> {
@@ -560,6 +581,7 @@ impl_params!(21; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M
 impl_params!(22; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19, U 20, V 21);
 impl_params!(23; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19, U 20, V 21, W 22);
 impl_params!(24; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19, U 20, V 21, W 22, X 23);
+impl_params!(25; A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12, N 13, O 14, P 15, Q 16, R 17, S 18, T 19, U 20, V 21, W 22, X 23, Y 24);
 
 /// The full NVRTC source: common header, generated IQ2 tables, kernel families.
 pub fn full_source() -> String {

@@ -223,6 +223,10 @@ impl GpuModel {
         let omega_yarn = gpu.upload(&ry.omega)?;
         let scratch = Scratch::new(&gpu, cfg, ctx, max_chunk.max(1))?;
         gpu.sync()?;
+        // the indexer's side streams (3, 4) at high priority: its chain
+        // runs beside q_b and ends the attention's wait (env DSV4_PRIO:
+        // digits of other stream indices, "" none, for A/B runs)
+        gpu.set_high_priority(&crate::model::high_priority_streams());
         Ok(GpuModel {
             gpu,
             cfg: cfg.clone(),
@@ -240,6 +244,7 @@ impl GpuModel {
             kv_rope: Default::default(),
             use_graphs: std::env::var("DSV4_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true),
             q8: false,
+            no_persist: false.into(),
         })
     }
 

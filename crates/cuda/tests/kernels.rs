@@ -368,7 +368,7 @@ fn sink_attention_matches_ops() {
         let (sel_ptr, sel_ld) = if use_sel { (dsel.ptr, k as i32) } else { (0u64, 0i32) };
         launch!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), ((4 * per + 8 * d) * 4) as u32;
             dq.ptr, df.ptr, dr.ptr, rows_ptr, rfmt, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
-            h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32, 0i32, 0u64, 0u64, 0i32).unwrap();
+            h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32, 0i32, 0u64, 0u64, 0i32, 1i32).unwrap();
         if nsplit > 1 {
             launch!(g, "attn_combine", (n as u32, h as u32, 1), (128, 1, 1), 0;
                 part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out.ptr, 0u64, 0u64, 0i32).unwrap();
@@ -395,7 +395,7 @@ fn sink_attention_matches_ops() {
                 let (q3, d3) = (g.upload(&vec![0x55u8; n * h * d]).unwrap(), g.upload(&vec![f32::NAN; n * h * d / 32]).unwrap());
                 launch_cluster!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), ((4 * per + 8 * d) * 4) as u32, nsplit as u32;
                     dq.ptr, df.ptr, dr.ptr, rows_ptr, rfmt, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
-                    h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out3.ptr, 0u64, per as i32, nsplit as i32, q3.ptr, d3.ptr, 1i32).unwrap();
+                    h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out3.ptr, 0u64, per as i32, nsplit as i32, q3.ptr, d3.ptr, 1i32, 0i32).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&g.read_f32(out3.ptr, n * h * d).unwrap()), bits(&o2), "cluster merge output, splits {nsplit}");
                 let codes3: Vec<i8> = g.read_i32(q3.ptr, n * h * d / 4).unwrap().iter().flat_map(|w| w.to_le_bytes()).map(|b| b as i8).collect();
@@ -569,7 +569,8 @@ fn compressor_matches_cpu_reference() {
                     ssc.copy_within(ratio * w..2 * ratio * w, 0);
                 }
             }
-            // GPU, in chunks of 5 tokens
+            // GPU, in chunks of 5 tokens mixed with single-token steps (the
+            // decode path of the overlapping compressors), emitting or not
             let fmt = if is_idx { RowFormat::Fp4 { dim: d } } else { RowFormat::Fp8 { dim: d, rope: 64, store } };
             let stride = dev_stride(fmt);
             let up = |v: &[f32]| g.upload(v).unwrap();
@@ -580,8 +581,10 @@ fn compressor_matches_cpu_reference() {
             let pooled = up(&vec![0.0f32; 8 * d]);
             let pp = g.upload(&[0i32]).unwrap();
             let mut p0 = 0usize;
+            let mut chunk = 0usize;
             while p0 < total {
-                let n = 5.min(total - p0);
+                let n = [5usize, 1, 1, 1, 3, 1, 1, 1, 1][chunk % 9].min(total - p0);
+                chunk += 1;
                 g.write_i32(&pp, 0, &[p0 as i32]).unwrap();
                 let (ckv, csc) = (up(&kv[p0 * w..(p0 + n) * w]), up(&sc[p0 * w..(p0 + n) * w]));
                 launch!(g, "comp_update", ((d as u32).div_ceil(128), 1, 1), (128, 1, 1), 0;

@@ -249,6 +249,84 @@ extern "C" __global__ void comp_update(const float* kv, const float* sc, const f
     int p0 = *p0p;
     int w = coff * d;
     int e = 0;
+    if (n == 1 && coff == 2 && ratio <= 8) {
+        // Decode step of an overlapping compressor (on the indexer's critical
+        // path): every value the emission needs is loaded at once, before
+        // any store (the loop below reads the slots back after writing them,
+        // a chain of dependent round trips); same values, same order of
+        // operations, same state afterwards.
+        int p = p0, sl = p % ratio, slot = ratio + sl;
+        const float* ap = ape + (u64)sl * w;
+        float k0 = kv[c], k1 = kv[d + c];
+        float s0 = sc[c] + ap[c], s1 = sc[d + c] + ap[d + c];
+        if ((p + 1) % ratio != 0) {
+            kvs[(u64)slot * w + c] = k0;
+            kvs[(u64)slot * w + d + c] = k1;
+            scs[(u64)slot * w + c] = s0;
+            scs[(u64)slot * w + d + c] = s1;
+            return;
+        }
+        // emission (sl == ratio - 1): pooled over slots 0..r-1 (first half)
+        // and r..2r-1 (second half, the last one this token's); then slots
+        // r..2r-1 (both halves) move down to 0..r-1
+        float SA[8], KA[8], SB[8], KB[8], SC[8], KC[8];
+#pragma unroll
+        for (int s2 = 0; s2 < 8; s2++)
+            if (s2 < ratio) {
+                SA[s2] = scs[(u64)s2 * w + c];
+                KA[s2] = kvs[(u64)s2 * w + c];
+                SB[s2] = scs[(u64)(ratio + s2) * w + d + c];
+                KB[s2] = kvs[(u64)(ratio + s2) * w + d + c];
+                SC[s2] = scs[(u64)(ratio + s2) * w + c];
+                KC[s2] = kvs[(u64)(ratio + s2) * w + c];
+            }
+#pragma unroll
+        for (int s2 = 0; s2 < 8; s2++)
+            if (s2 == ratio - 1) {
+                SB[s2] = s1;
+                KB[s2] = k1;
+                SC[s2] = s0;
+                KC[s2] = k0;
+            }
+        float mx = NEG_INF;
+#pragma unroll
+        for (int s2 = 0; s2 < 8; s2++)
+            if (s2 < ratio) mx = fmaxf(mx, SA[s2]);
+#pragma unroll
+        for (int s2 = 0; s2 < 8; s2++)
+            if (s2 < ratio) mx = fmaxf(mx, SB[s2]);
+        float num = 0.f, den = 0.f;
+        if (mx != NEG_INF) {
+#pragma unroll
+            for (int s2 = 0; s2 < 8; s2++)
+                if (s2 < ratio) {
+                    float ex = expf(SA[s2] - mx);
+                    den += ex;
+                    num += ex * KA[s2];
+                }
+#pragma unroll
+            for (int s2 = 0; s2 < 8; s2++)
+                if (s2 < ratio) {
+                    float ex = expf(SB[s2] - mx);
+                    den += ex;
+                    num += ex * KB[s2];
+                }
+        }
+        out[c] = (mx == NEG_INF) ? 0.f : num / den;
+        kvs[(u64)slot * w + c] = k0;
+        kvs[(u64)slot * w + d + c] = k1;
+        scs[(u64)slot * w + c] = s0;
+        scs[(u64)slot * w + d + c] = s1;
+#pragma unroll
+        for (int s2 = 0; s2 < 8; s2++)
+            if (s2 < ratio) {
+                kvs[(u64)s2 * w + c] = KC[s2];
+                scs[(u64)s2 * w + c] = SC[s2];
+                kvs[(u64)s2 * w + d + c] = KB[s2];
+                scs[(u64)s2 * w + d + c] = SB[s2];
+            }
+        return;
+    }
     for (int t = 0; t < n; t++) {
         int p = p0 + t;
         int slot = (coff == 2) ? ratio + p % ratio : p % ratio;
@@ -796,7 +874,7 @@ __device__ __forceinline__ const float* attn_key(int j, int nwin, int lo, int p0
 extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, const float* fresh, const float* ring, const u8* rows, int rfmt,
                                      const int* sel, const int* cnt, const int* vis, int sel_ld, const float* sinks,
                                      int h_count, int d, int rd, const float* omega, const int* p0p, int win, float scale,
-                                     float* out, float* part, int max_keys, int cluster, i8* q0, float* d0, int late) PDL_MANUAL {
+                                     float* out, float* part, int max_keys, int cluster, i8* q0, float* d0, int late, int pf) PDL_MANUAL {
     // dynamic: HB * max_keys floats (the first max_keys hold this split's
     // compressed-row indices), then red = (warps) * d floats for the
     // cross-warp sum of P.V
@@ -844,7 +922,25 @@ extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, c
         // row (one coalesced load, not a dependent one per key)
         for (int jj = threadIdx.x; jj < j1 - j0; jj += blockDim.x) {
             int j = j0 + jj;
-            kri[jj] = (j < nwin) ? -1 : (selt ? selt[j - nwin] : j - nwin);
+            int ri = (j < nwin) ? -1 : (selt ? selt[j - nwin] : j - nwin);
+            kri[jj] = ri;
+            if (pf) {
+                // every line of the key row on its way to L2 now: the warps
+                // below load their keys two at a time, dependent round trips
+                // that then hit L2 instead of DRAM
+                const u8* kb;
+                int bytes;
+                if (ri < 0) {
+                    int qp = lo + j;
+                    kb = (const u8*)((qp >= p0) ? fresh + (u64)(qp - p0) * d : ring + (u64)(qp % win) * d);
+                    bytes = d * 4;
+                } else {
+                    kb = rows + (u64)ri * (rfmt >> 1);
+                    bytes = rfmt >> 1;
+                }
+                const u8* end = kb + bytes;
+                for (const u8* a = (const u8*)((u64)kb & ~(u64)127); a < end; a += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+            }
         }
 #pragma unroll
         for (int u = 0; u < HB * ATT_D / 4 / 128 + 1; u++) {

@@ -34,6 +34,13 @@ fn iq2_pair_kernel() -> Option<bool> {
 /// IQ2_REP_ENTRIES x 32 words).
 const IQ2_REP_SHMEM: u32 = 384 * 32 * 4;
 
+/// Decode attention prefetches its split's key rows into L2 when it starts
+/// (env DSV4_ATTN_PF=0: not, for A/B runs).
+fn attn_prefetch() -> i32 {
+    static V: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("DSV4_ATTN_PF").map(|v| v != "0").unwrap_or(true) as i32)
+}
+
 /// The attention merge releases the output projection only after it has
 /// read the partials (env DSV4_LATE_TRIGGER=1, an experiment).
 fn late_trigger() -> i32 {
@@ -228,7 +235,7 @@ impl GpuModel {
         let on = *ON.get_or_init(|| std::env::var("DSV4_MQ1P").map(|v| v != "0").unwrap_or(true));
         // rows copied with aligned 16-byte loads; x read as int4s
         let aligned = w.ptr % 16 == 0 && w.row_bytes % 16 == 0 && (eids == 0 || w.expert_bytes() % 16 == 0) && !matches!(w2, Some(m) if m.ptr % 16 != 0);
-        if !on || w.ty != GgmlType::Q8_0 || w.cols % 32 != 0 || !aligned || qa.qs % 16 != 0 || qa.q % 16 != 0 {
+        if !on || self.no_persist.get() || w.ty != GgmlType::Q8_0 || w.cols % 32 != 0 || !aligned || qa.qs % 16 != 0 || qa.q % 16 != 0 {
             return Ok(false);
         }
         // per warp: a batch of 4 chunks of 16 (short rows: 8) blocks of 34
@@ -670,7 +677,17 @@ impl GpuModel {
             })?;
             j_ix = Some(j);
         }
-        self.mv_fused(b.q_b.r(), qr, c.q_lora_rank, q, h * hd, n, &self.s.fqr)?;
+        // With an indexer beside it (its chain only needs qr and `a`), q_b's
+        // persistent grid would lock the indexer's kernels out of the GPU
+        // until it ends, putting the whole chain after q_b: the per-row
+        // kernel leaves SMs as its blocks retire (env DSV4_QB_ROWS=0: the
+        // persistent grid anyway, for A/B runs)
+        static QB_ROWS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let qb_rows = use_sel && *QB_ROWS.get_or_init(|| std::env::var("DSV4_QB_ROWS").map(|v| v != "0").unwrap_or(true));
+        self.no_persist.set(qb_rows);
+        let r = self.mv_fused(b.q_b.r(), qr, c.q_lora_rank, q, h * hd, n, &self.s.fqr);
+        self.no_persist.set(false);
+        r?;
         launch!(self.gpu, "row_finish", ((n * h) as u32, 1, 1), (128, 1, 1), 0;
             q, hd as i32, h as i32, rd as i32, omega, pp, 0u64, c.rms_eps, 0i32, 0i32)?;
         self.gpu.join(j_icomp)?;
@@ -717,7 +734,7 @@ impl GpuModel {
         launch_cluster!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), ((HB * per + 8 * hd) * F) as u32, cluster.max(1) as u32;
             q, kv, st.ring.ptr, rows_ptr, rfmt, sel_ptr, self.s.cnt.ptr, self.s.vis.ptr, sel_ld as i32, b.sinks.ptr,
             h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o, part, per as i32,
-            cluster as i32, mq0, md0, late_trigger())?;
+            cluster as i32, mq0, md0, late_trigger(), attn_prefetch())?;
         if nsplit > 1 && cluster == 0 {
             // (dims in chunks of 128 over grid z; env DSV4_COMBINE_Z, 1..=8)
             static CZ: std::sync::OnceLock<usize> = std::sync::OnceLock::new();

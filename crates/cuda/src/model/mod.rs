@@ -332,6 +332,18 @@ pub struct GpuModel {
     /// `Numerics::Q8`: quantised weights multiply 8-bit activations (mmvq.cu),
     /// as the CPU's 8-bit mode does; false = f32 activations (the reference)
     pub q8: bool,
+    /// set while queueing a product that must not take the whole GPU with a
+    /// persistent grid (a side branch needs SMs beside it)
+    pub(crate) no_persist: std::cell::Cell<bool>,
+}
+
+/// Side streams whose kernels launch at high priority (see forward.rs: the
+/// indexer queues on 3 and 4).
+pub(crate) fn high_priority_streams() -> Vec<usize> {
+    match std::env::var("DSV4_PRIO") {
+        Ok(v) => v.chars().filter_map(|c| c.to_digit(10)).map(|d| d as usize).collect(),
+        Err(_) => vec![3, 4],
+    }
 }
 
 fn vec_up(gpu: &Gpu, v: &[f32]) -> Result<DevBuf> {
@@ -437,6 +449,10 @@ impl GpuModel {
         let omega_plain = gpu.upload(&rp.omega)?;
         let omega_yarn = gpu.upload(&ry.omega)?;
         let s = Scratch::new(&gpu, cfg, ctx, max_chunk.max(1))?;
+        // the indexer's side streams (3, 4) at high priority: its chain
+        // runs beside q_b and ends the attention's wait (env DSV4_PRIO:
+        // digits of other stream indices, "" none, for A/B runs)
+        gpu.set_high_priority(&high_priority_streams());
         Ok(GpuModel {
             output_norm: vec_up(&gpu, &w.output_norm)?,
             hc_head: hc_up(&gpu, &w.hc_head)?,
@@ -454,6 +470,7 @@ impl GpuModel {
             kv_rope: Default::default(),
             use_graphs: std::env::var("DSV4_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true),
             q8: false,
+            no_persist: false.into(),
         })
     }
 
