@@ -415,7 +415,7 @@ __device__ __forceinline__ void row_dotq(const u8* wr, int cols, const i8* xq, i
 // groups per lane: those costs were a quarter of the paired kernel's
 // instructions), and both rows' weight loads are in flight together. Lane
 // mapping and the order of the additions per row are those of row_dotq.
-template <bool REP>
+template <bool REP, int U = MQ_U>
 __device__ __forceinline__ void iq2_pair_dot(const u8* w1, const u8* w2, int cols, const i8* xq, const float* xd, int lane,
                                              const u32* gsel, float& acc1, float& acc2) {
     int nb = cols / 256;
@@ -427,12 +427,12 @@ __device__ __forceinline__ void iq2_pair_dot(const u8* w1, const u8* w2, int col
     u32 z;
     asm volatile("mov.u32 %0, %%laneid;" : "=r"(z));
     u32 pos = IQ2_POS + (z >> 5), neg = IQ2_NEG;
-    for (int c = 0; c < nch; c += MQ_U) {
-        u32 A0[2][MQ_U], A1[2][MQ_U];
-        float D[2][MQ_U];
-        int bb[MQ_U];
+    for (int c = 0; c < nch; c += U) {
+        u32 A0[2][U], A1[2][U];
+        float D[2][U];
+        int bb[U];
 #pragma unroll
-        for (int u = 0; u < MQ_U; u++) {
+        for (int u = 0; u < U; u++) {
             int b = (c + u) * 4 + (lane >> 3);
             bb[u] = (c + u < nch && b < nb) ? b : -1;
             if (bb[u] >= 0) {
@@ -441,7 +441,7 @@ __device__ __forceinline__ void iq2_pair_dot(const u8* w1, const u8* w2, int col
             }
         }
 #pragma unroll
-        for (int u = 0; u < MQ_U; u++) {
+        for (int u = 0; u < U; u++) {
             if (bb[u] < 0) continue;
             int b = bb[u];
             const int4* xp = (const int4*)(xq + b * 256 + 32 * g);
@@ -574,7 +574,7 @@ MQ_TYPE(iq2_xxs, T_IQ2_XXS)
 
 // Paired IQ2_XXS decode product (see iq2_pair_dot): grid (ceil(rows / 8),
 // slots), 256 threads; y1[s] = W1[eids[s]] xq[s / x_group], y2[s] likewise.
-template <bool REP>
+template <bool REP, int U = MQ_U>
 __device__ __forceinline__ void mqp2_body(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2, u32* tab) {
     int lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -585,7 +585,7 @@ __device__ __forceinline__ void mqp2_body(MQ_ARGS, const int* eids, u64 expert_b
     const u8* w2 = W2 + eo + (u64)row * row_bytes;
     int xr = eids ? s / x_group : 0;
     float acc1 = 0.f, acc2 = 0.f;
-    iq2_pair_dot<REP>(w1, w2, cols, xq + (u64)xr * xqs, xd + (u64)xr * xds, lane, REP ? tab + lane : tab, acc1, acc2);
+    iq2_pair_dot<REP, U>(w1, w2, cols, xq + (u64)xr * xqs, xd + (u64)xr * xds, lane, REP ? tab + lane : tab, acc1, acc2);
     acc1 = warp_sum(acc1);
     acc2 = warp_sum(acc2);
     if (lane == 0) {
@@ -599,13 +599,15 @@ extern "C" __global__ void mqp2_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_byt
     mqp2_body<false>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, eids, expert_bytes, x_group, W2, y2, gsel);
 }
 // The same with the replicated tables (dynamic shared IQ2_REP_ENTRIES * 32
-// words, 48 KB); bit for bit mqp2_iq2_xxs.
+// words, 48 KB), two chunks per row in flight instead of four: 56 registers,
+// so 4 blocks fit per SM instead of 3 (more warps hide the latency better
+// than more loads per warp: 6.84 -> 6.75 ms per step); bit for bit
+// mqp2_iq2_xxs (the same chunks in the same order).
 extern "C" __global__ void mqp2r_iq2_xxs(MQ_ARGS, const int* eids, u64 expert_bytes, int x_group, const u8* W2, float* y2) {
     extern __shared__ u32 tab[];
     stage_iq2_rep(tab);
-    mqp2_body<true>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, eids, expert_bytes, x_group, W2, y2, tab);
+    mqp2_body<true, 2>(W, row_bytes, rows, cols, xq, xqs, xd, xds, y, ys, eids, expert_bytes, x_group, W2, y2, tab);
 }
-
 // --- persistent single-token Q8_0 products ------------------------------------
 //
 // Decode's Q8_0 projections (q_a, q_b, o_a, o_b, the shared expert, the head)
