@@ -597,10 +597,22 @@ impl GpuModel {
         let s = &self.s;
         let (a, qr, q, kv, o, u, f) = (s.a.ptr, s.qr.ptr, s.q.ptr, s.kv.ptr, s.o.ptr, s.u.ptr, s.f.ptr);
         let ratio = c.compress_ratios[b.layer];
-        if ratio != 0 {
-            // visible compressed rows per token (read by the indexer and attention)
+        // visible compressed rows per token (read by the indexer and the
+        // attention): on a side stream, off the q path's chain
+        // (env DSV4_VIS_MAIN=1: on the main stream, for A/B runs)
+        static VM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let vis_main = *VM.get_or_init(|| std::env::var("DSV4_VIS_MAIN").is_ok_and(|v| v == "1"));
+        if ratio != 0 && vis_main {
             launch!(self.gpu, "set_vis", ((n as u32).div_ceil(128), 1, 1), (128, 1, 1), 0; pp, n as i32, ratio as i32, self.s.vis.ptr)?;
         }
+        let j_vis = if ratio != 0 && !vis_main {
+            let (_, j) = self.gpu.on_side(2, || {
+                launch!(self.gpu, "set_vis", ((n as u32).div_ceil(128), 1, 1), (128, 1, 1), 0; pp, n as i32, ratio as i32, self.s.vis.ptr)
+            })?;
+            Some(j)
+        } else {
+            None
+        };
         // Independent branches, parallel in the captured graph: the kv row and
         // the two compressors (they only need `a`) beside the q path.
         let (_, j_kv) = self.gpu.on_side(1, || -> Result<()> {
@@ -656,6 +668,9 @@ impl GpuModel {
             })?;
             let (_, j) = self.gpu.on_side(3, || -> Result<()> {
                 self.gpu.wait_on_current(&jq)?;
+                if let Some(jv) = &j_vis {
+                    self.gpu.wait_on_current(jv)?;
+                }
                 let wscale = (id as f32).powf(-0.5) * (ih as f32).powf(-0.5);
                 let ld = self.ctx / ratio + 1;
                 // fixed grid (grid-stride inside) so the launch is position independent
@@ -696,6 +711,9 @@ impl GpuModel {
         }
         self.gpu.join(j_kv)?;
         self.gpu.join(j_comp)?;
+        if let Some(j) = j_vis {
+            self.gpu.join(j)?;
+        }
         // The HC-weights branch (read only by hc_post) is long done by now:
         // joined here, where the attention kernel already waits on several
         // branches, it costs no kernel its programmatic launch (env
