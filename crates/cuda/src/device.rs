@@ -351,30 +351,10 @@ impl Gpu {
 
     /// Launch `name` with `params` (pointers to each argument value, in order).
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shmem: u32, params: &mut [*mut c_void]) -> Result<()> {
-        self.launch_ex(name, grid, block, shmem, 1, params)
-    }
-
-    /// `launch` with thread-block clusters of `cluster_z` consecutive blocks
-    /// along z (sm_90: the blocks of a cluster are co-scheduled on one GPC
-    /// and read each other's shared memory). Sizes above 8 are non-portable:
-    /// the function is allowed them on first use.
-    pub fn launch_ex(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shmem: u32, cluster_z: u32, params: &mut [*mut c_void]) -> Result<()> {
         if !self.ablate.is_empty() && self.ablate.iter().any(|a| a == name) {
             return Ok(());
         }
         let f = self.func(name)?;
-        if cluster_z > 1 && (self.cc.0 < 9 || grid.2 % cluster_z != 0) {
-            return Err(CudaError::Driver(format!("launch of `{name}`: clusters of {cluster_z} need sm_90 and a grid z ({}) divisible by it", grid.2)));
-        }
-        if cluster_z > 8 {
-            let key = format!("{name}#cluster");
-            let mut lim = self.shmem_limit.borrow_mut();
-            if !lim.contains_key(&key) {
-                unsafe { cu::function::set_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1) }
-                    .map_err(drv("cuFuncSetAttribute (non-portable cluster size)"))?;
-                lim.insert(key, 1);
-            }
-        }
         // The 48 KB default limit covers static + dynamic shared memory: raise
         // the function's dynamic limit whenever a launch asks for more than it
         // was last allowed beyond what its static part leaves (once per size).
@@ -409,21 +389,14 @@ impl Gpu {
             None
         };
         let prio = self.prio_mask.get() >> self.cur.get() & 1 == 1;
-        if self.pdl || cluster_z > 1 || prio {
+        if self.pdl || prio {
             // programmatic dependent launch: this kernel may be scheduled while
             // the previous one in the stream drains; its prologue waits
-            let mut attrs: [sys::CUlaunchAttribute; 3] = unsafe { std::mem::zeroed() };
+            let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
             let mut na = 0;
             if self.pdl {
                 attrs[na].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
                 attrs[na].value.programmaticStreamSerializationAllowed = 1;
-                na += 1;
-            }
-            if cluster_z > 1 {
-                attrs[na].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-                attrs[na].value.clusterDim.x = 1;
-                attrs[na].value.clusterDim.y = 1;
-                attrs[na].value.clusterDim.z = cluster_z;
                 na += 1;
             }
             if prio {
@@ -527,15 +500,6 @@ macro_rules! launch {
     }};
 }
 
-/// `launch!` with clusters of `cz` blocks along z (`Gpu::launch_ex`).
-#[macro_export]
-macro_rules! launch_cluster {
-    ($gpu:expr, $name:expr, $grid:expr, $block:expr, $shmem:expr, $cz:expr; $($arg:expr),+ $(,)?) => {{
-        let mut vals = ($($arg,)+);
-        let mut p = $crate::device::ParamPtrs::ptrs(&mut vals);
-        $gpu.launch_ex($name, $grid, $block, $shmem, $cz, p.as_mut())
-    }};
-}
 
 /// Tuples of kernel arguments → array of pointers to each element.
 pub trait ParamPtrs {

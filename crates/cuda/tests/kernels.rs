@@ -3,7 +3,7 @@
 //! Skips (passing, with a note) when no GPU is usable.
 
 use dsv4_cuda::model::dev_stride;
-use dsv4_cuda::{launch, launch_cluster, Gpu};
+use dsv4_cuda::{launch, Gpu};
 use dsv4_engine::ops;
 use dsv4_engine::pack::{PackedRows, RopeStore, RowFormat};
 use dsv4_gguf::{quant, GgmlType};
@@ -308,7 +308,7 @@ fn sink_attention_matches_ops() {
     let cases = [(1usize, 20usize, 9usize, true, 3usize, RopeStore::F32), (3, 5, 0, false, 1, RopeStore::F32), (2, 40, 11, false, 1, RopeStore::Bf16), (1, 100, 25, false, 4, RopeStore::F32), (1, 100, 25, false, 4, RopeStore::Bf16), (2, 30, 7, true, 1, RopeStore::Bf16),
         // more than 16 splits (the combine's second batch), some of them empty
         (1, 100, 25, false, 20, RopeStore::F32),
-        // clusters of 8 and 16 (one with empty splits, two tokens)
+        // 8 and 16 splits (one with empty splits, two tokens)
         (1, 300, 90, false, 8, RopeStore::Bf16), (2, 40, 11, true, 16, RopeStore::F32),
         // static + dynamic shared memory over 48 KB with the dynamic part under
         // it (the function's limit must still be raised)
@@ -368,17 +368,17 @@ fn sink_attention_matches_ops() {
         let (sel_ptr, sel_ld) = if use_sel { (dsel.ptr, k as i32) } else { (0u64, 0i32) };
         launch!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), ((4 * per + 8 * d) * 4) as u32;
             dq.ptr, df.ptr, dr.ptr, rows_ptr, rfmt, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
-            h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32, 0i32, 0u64, 0u64, 0i32, 1i32).unwrap();
+            h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out.ptr, part.ptr, per as i32, 1i32).unwrap();
         if nsplit > 1 {
             launch!(g, "attn_combine", (n as u32, h as u32, 1), (128, 1, 1), 0;
-                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out.ptr, 0u64, 0u64, 0i32).unwrap();
+                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out.ptr, 0u64, 0u64).unwrap();
             // the same combine writing a Q8_0 copy: the CPU's quantisation of its
             // output; its dims merged in 4 chunks over grid z (bit for bit the
             // one-block merge)
             let out2 = g.upload(&vec![f32::NAN; n * h * d]).unwrap();
             let (q0, d0) = (g.upload(&vec![0x55u8; n * h * d]).unwrap(), g.upload(&vec![f32::NAN; n * h * d / 32]).unwrap());
             launch!(g, "attn_combine", (n as u32, h as u32, 4), (128, 1, 1), 0;
-                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out2.ptr, q0.ptr, d0.ptr, 1i32).unwrap();
+                part.ptr, nsplit as i32, dsk.ptr, h as i32, d as i32, rd as i32, om.ptr, pp.ptr, out2.ptr, q0.ptr, d0.ptr).unwrap();
             let o2 = g.read_f32(out2.ptr, n * h * d).unwrap();
             let o1 = g.read_f32(out.ptr, n * h * d).unwrap();
             assert_eq!(o2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), o1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "combine over 4 dim chunks");
@@ -387,21 +387,6 @@ fn sink_attention_matches_ops() {
             let a = dsv4_gguf::kernels::quantize_acts(GgmlType::Q8_0, &o2);
             assert_eq!(&codes[..], &a.q8_0().unwrap().qs[..], "combine Q8_0 codes");
             assert_eq!(sc.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), a.q8_0().unwrap().d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "combine Q8_0 scales");
-            // the splits as one thread-block cluster merging in distributed
-            // shared memory (sm_90, up to 16 blocks): bitwise the combine's
-            // output and Q8_0 copy
-            if g.cc.0 >= 9 && nsplit <= 16 {
-                let out3 = g.upload(&vec![f32::NAN; n * h * d]).unwrap();
-                let (q3, d3) = (g.upload(&vec![0x55u8; n * h * d]).unwrap(), g.upload(&vec![f32::NAN; n * h * d / 32]).unwrap());
-                launch_cluster!(g, "sink_attn", (n as u32, h.div_ceil(4) as u32, nsplit as u32), (256, 1, 1), ((4 * per + 8 * d) * 4) as u32, nsplit as u32;
-                    dq.ptr, df.ptr, dr.ptr, rows_ptr, rfmt, sel_ptr, dcnt.ptr, dvis.ptr, sel_ld, dsk.ptr,
-                    h as i32, d as i32, rd as i32, om.ptr, pp.ptr, win as i32, scale, out3.ptr, 0u64, per as i32, nsplit as i32, q3.ptr, d3.ptr, 1i32, 0i32).unwrap();
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&g.read_f32(out3.ptr, n * h * d).unwrap()), bits(&o2), "cluster merge output, splits {nsplit}");
-                let codes3: Vec<i8> = g.read_i32(q3.ptr, n * h * d / 4).unwrap().iter().flat_map(|w| w.to_le_bytes()).map(|b| b as i8).collect();
-                assert_eq!(codes3, codes, "cluster merge Q8_0 codes, splits {nsplit}");
-                assert_eq!(bits(&g.read_f32(d3.ptr, n * h * d / 32).unwrap()), bits(&sc), "cluster merge Q8_0 scales, splits {nsplit}");
-            }
         }
         let got = g.read_f32(out.ptr, n * h * d).unwrap();
         let e = rel_err(&got, &want);

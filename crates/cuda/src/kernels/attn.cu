@@ -874,19 +874,10 @@ __device__ __forceinline__ const float* attn_key(int j, int nwin, int lo, int p0
 extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, const float* fresh, const float* ring, const u8* rows, int rfmt,
                                      const int* sel, const int* cnt, const int* vis, int sel_ld, const float* sinks,
                                      int h_count, int d, int rd, const float* omega, const int* p0p, int win, float scale,
-                                     float* out, float* part, int max_keys, int cluster, i8* q0, float* d0, int late, int pf) PDL_MANUAL {
+                                     float* out, float* part, int max_keys, int pf) {
     // dynamic: HB * max_keys floats (the first max_keys hold this split's
     // compressed-row indices), then red = (warps) * d floats for the
     // cross-warp sum of P.V
-    // In a cluster the dependents (the output projection's persistent
-    // blocks) are released only once every block is past the key loop: when
-    // released at the start they took the SMs that later clusters needed.
-    if (cluster) {
-        pdl_wait();
-        trace_waited();
-    } else {
-        pdl_prologue();
-    }
     extern __shared__ float z[];
     __shared__ __align__(16) float qs[HB * ATT_D];
     __shared__ float oacc[HB * ATT_D];
@@ -1069,71 +1060,6 @@ extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, c
     }
     __syncthreads();
     trace_mark(23);
-    if (cluster) {
-        // The splits of this (token, head group) are the blocks of one
-        // thread-block cluster: after the cluster barrier, block `split`
-        // merges its share of the HB x d outputs from every block's shared
-        // partial (mx_s, den_s, oacc read through distributed shared memory),
-        // exactly as attn_combine does (same weights, same order of additions
-        // per output), then applies the inverse RoPE and writes o (and its
-        // Q8_0 copy). One kernel and one global round trip fewer per layer.
-        // A second barrier keeps every block's shared memory alive until its
-        // peers have read it.
-        cluster_sync();
-        if (!late) pdl_trigger();
-        trace_mark(24);
-        const int nh = min(HB, h_count - h0);
-        const int F = ((HB * d + nsplit - 1) / nsplit + 31) & ~31;  // outputs per block (whole warps)
-        const int f0 = split * F;
-        for (int k = 0; k < F; k += blockDim.x) {
-            int f = f0 + k + threadIdx.x;                 // flat (head, dim) of this thread
-            int hh = f / d, c = f - hh * d;
-            bool ok = k + (int)threadIdx.x < F && hh < nh;
-            float v = 0.f;
-            if (ok) {
-                // every peer's values requested before any is used (nsplit <= 16)
-                float ms[16], ls[16], os[16];
-#pragma unroll
-                for (int s2 = 0; s2 < 16; s2++)
-                    if (s2 < nsplit) {
-                        ms[s2] = ld_dsmem(&mx_s[hh], s2);
-                        ls[s2] = ld_dsmem(&den_s[hh], s2);
-                        os[s2] = ld_dsmem(&oacc[hh * d + c], s2);
-                    }
-                float sk = sinks[h0 + hh], M = sk;
-#pragma unroll
-                for (int s2 = 0; s2 < 16; s2++)
-                    if (s2 < nsplit) M = fmaxf(M, ms[s2]);
-                float den = expf(sk - M);
-#pragma unroll
-                for (int s2 = 0; s2 < 16; s2++)
-                    if (s2 < nsplit) {
-                        float w = (ms[s2] == NEG_INF) ? 0.f : expf(ms[s2] - M);
-                        den += __fmul_rn(w, ls[s2]);
-                        v = __fmaf_rn(w, os[s2], v);
-                    }
-                v = v / den;
-            }
-            if (late && k == 0) pdl_trigger();
-            trace_mark(26);
-            // inverse RoPE on the tail: pair (2i, 2i+1) sits in lanes (2j, 2j+1)
-            // of one warp (F, d and d - rd are even and F is whole warps)
-            float other = __shfl_xor_sync(0xffffffffu, v, 1);
-            if (ok && c >= d - rd) {
-                int i = (c - (d - rd)) >> 1;
-                float x0 = (c & 1) ? other : v, x1 = (c & 1) ? v : other;
-                rope_pair(&x0, &x1, omega[i], p, true);
-                v = (c & 1) ? x1 : x0;
-            }
-            trace_mark(27);
-            u64 flat = ((u64)t * h_count + h0) * d + f;
-            if (ok) out[flat] = v;
-            if (q0) quant_vals(v, ok, flat, q0, d0, 0, 0);
-        }
-        trace_mark(25);
-        cluster_sync();
-        return;
-    }
     if (nsplit == 1) {
         for (int h = 0; h < HB && h0 + h < h_count; h++) {
             float m = mx_s[h];
@@ -1155,31 +1081,16 @@ extern "C" __global__ void __launch_bounds__(256, 2) sink_attn(const float* q, c
             rope_pair(&oacc[h * d + d - rd + 2 * i], &oacc[h * d + d - rd + 2 * i + 1], omega[i], p, true);
     }
     __syncthreads();
-    // (per head: no integer division by d in the loop); q0: the Q8_0 copy
-    // for the output projection (d % 32 == 0: each warp one aligned block)
+    // (per head: no integer division by d in the loop)
     for (int h = 0; h < HB && h0 + h < h_count; h++)
-        for (int c0 = 0; c0 < d; c0 += blockDim.x) {
-            int c = c0 + threadIdx.x;
-            bool ok = c < d;
-            float v = ok ? oacc[h * d + c] : 0.f;
-            u64 flat = ((u64)t * h_count + h0 + h) * d + c;
-            if (ok) out[flat] = v;
-            if (q0) quant_vals(v, ok, flat, q0, d0, 0, 0);
-        }
+        for (int c = threadIdx.x; c < d; c += blockDim.x) out[((u64)t * h_count + h0 + h) * d + c] = oacc[h * d + c];
 }
 
 // Merge the splits of sink_attn: o = sum_s e^(m_s-M) o_s / (sum_s e^(m_s-M) l_s + e^(sink-M)).
 extern "C" __global__ void attn_combine(const float* part, int nsplit, const float* sinks, int h_count, int d, int rd,
-                                        const float* omega, const int* p0p, float* out, i8* q0, float* d0, int late) PDL_MANUAL {
+                                        const float* omega, const int* p0p, float* out, i8* q0, float* d0) {
     // (q0, d0: when set, `out` is also written as Q8_0 codes and scales, the
     // input of the grouped output projection in 8-bit mode; blockDim 128)
-    // late: dependents released only after the partials are read (A/B)
-    if (late) {
-        pdl_wait();
-        trace_waited();
-    } else {
-        pdl_prologue();
-    }
     __shared__ float o[MAXD];
     __shared__ float wsp[64], lw_s[64];
     __shared__ float den_s;
@@ -1228,7 +1139,6 @@ extern "C" __global__ void attn_combine(const float* part, int nsplit, const flo
         }
     }
     __syncthreads();
-    if (late) pdl_trigger();
     trace_mark(11);
     for (int c0 = 0; c0 < ce - cb; c0 += 4 * blockDim.x) {
         // per dim: v = sum over splits in order of w_s * o_s, then / den

@@ -86,26 +86,6 @@ __device__ __forceinline__ void trace_waited() {}
 __device__ __forceinline__ void trace_mark(u32) {}
 #endif
 
-// Thread-block clusters (sm_90): a barrier over every thread of the cluster
-// (release / acquire: shared-memory writes before it are visible to peers
-// after it), and a load from peer block `rank`'s copy of a shared variable.
-__device__ __forceinline__ void cluster_sync() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ float ld_dsmem(const float* p, u32 rank) {
-#if __CUDA_ARCH__ >= 900
-    u32 a = (u32)__cvta_generic_to_shared(p), r;
-    float v;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
-    return v;
-#else
-    return *p;
-#endif
-}
-
 __device__ __forceinline__ void pdl_prologue() {
 #if PDL_EARLY
     pdl_trigger();

@@ -6,18 +6,6 @@ use super::*;
 
 /// Most key splits of a single-token attention step (env DSV4_ATTN_SPLIT,
 /// 1..=MAX_SPLIT, for experiments; default 16).
-/// Decode attention splits merged inside one thread-block cluster of this
-/// many blocks (sm_90; env DSV4_ATTN_CLUSTER: 0 = separate attn_combine,
-/// else 2..16).
-fn attn_cluster() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| match std::env::var("DSV4_ATTN_CLUSTER").ok().and_then(|v| v.parse::<usize>().ok()) {
-        Some(0) => 0,
-        Some(v) => v.clamp(2, 16),
-        None => 0,
-    })
-}
-
 /// The decode IQ2_XXS gate / up pair kernel: None = the generic paired
 /// kernel (env DSV4_IQ2_PAIR=0), Some(false) = one shared copy of the grid
 /// table and the signs by arithmetic (DSV4_IQ2_REP=0), Some(true) = the
@@ -39,13 +27,6 @@ const IQ2_REP_SHMEM: u32 = 384 * 32 * 4;
 fn attn_prefetch() -> i32 {
     static V: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
     *V.get_or_init(|| std::env::var("DSV4_ATTN_PF").map(|v| v != "0").unwrap_or(true) as i32)
-}
-
-/// The attention merge releases the output projection only after it has
-/// read the partials (env DSV4_LATE_TRIGGER=1, an experiment).
-fn late_trigger() -> i32 {
-    static V: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *V.get_or_init(|| std::env::var("DSV4_LATE_TRIGGER").is_ok_and(|v| v == "1") as i32)
 }
 
 fn attn_split_max() -> usize {
@@ -599,13 +580,7 @@ impl GpuModel {
         let ratio = c.compress_ratios[b.layer];
         // visible compressed rows per token (read by the indexer and the
         // attention): on a side stream, off the q path's chain
-        // (env DSV4_VIS_MAIN=1: on the main stream, for A/B runs)
-        static VM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let vis_main = *VM.get_or_init(|| std::env::var("DSV4_VIS_MAIN").is_ok_and(|v| v == "1"));
-        if ratio != 0 && vis_main {
-            launch!(self.gpu, "set_vis", ((n as u32).div_ceil(128), 1, 1), (128, 1, 1), 0; pp, n as i32, ratio as i32, self.s.vis.ptr)?;
-        }
-        let j_vis = if ratio != 0 && !vis_main {
+        let j_vis = if ratio != 0 {
             let (_, j) = self.gpu.on_side(2, || {
                 launch!(self.gpu, "set_vis", ((n as u32).div_ceil(128), 1, 1), (128, 1, 1), 0; pp, n as i32, ratio as i32, self.s.vis.ptr)
             })?;
@@ -737,29 +712,25 @@ impl GpuModel {
         // single-token steps split the keys over several blocks (flash-decoding)
         // (16 keys per split at most: a warp's keys are dependent DRAM round
         // trips, so short splits keep the kernel off the latency chain)
-        // sm_90 decode: the splits are one thread-block cluster that merges
-        // them in distributed shared memory (no attn_combine)
-        let cluster = if n == 1 && self.gpu.cc.0 >= 9 { attn_cluster() } else { 0 };
-        let nsplit = if cluster > 0 { cluster } else if n == 1 { max_keys.div_ceil(16).clamp(1, attn_split_max()) } else { 1 };
+        let nsplit = if n == 1 { max_keys.div_ceil(16).clamp(1, attn_split_max()) } else { 1 };
         let per = max_keys.div_ceil(nsplit);
         const HB: usize = 4;
         let part = self.s.part.ptr;
-        // 8-bit mode: the merge also writes o as Q8_0 for the output projection
-        let fo = nsplit > 1 && self.uses_q8(b.o_a.ty) && b.o_a.ty == GgmlType::Q8_0 && (h * hd / c.o_groups) % 32 == 0 && hd <= 1024 && hd % 32 == 0;
-        let (q0, d0) = if fo { (self.s.fo.q0.ptr, self.s.fo.d0.ptr) } else { (0u64, 0u64) };
-        let (mq0, md0) = if cluster > 0 { (q0, d0) } else { (0u64, 0u64) };
         // dynamic shared: HB x per scores + 8 warps x hd for the P.V sum
-        launch_cluster!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), ((HB * per + 8 * hd) * F) as u32, cluster.max(1) as u32;
+        launch!(self.gpu, "sink_attn", (n as u32, h.div_ceil(HB) as u32, nsplit as u32), (256, 1, 1), ((HB * per + 8 * hd) * F) as u32;
             q, kv, st.ring.ptr, rows_ptr, rfmt, sel_ptr, self.s.cnt.ptr, self.s.vis.ptr, sel_ld as i32, b.sinks.ptr,
-            h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o, part, per as i32,
-            cluster as i32, mq0, md0, late_trigger(), attn_prefetch())?;
-        if nsplit > 1 && cluster == 0 {
-            // (dims in chunks of 128 over grid z; env DSV4_COMBINE_Z, 1..=8)
+            h as i32, hd as i32, rd as i32, omega, pp, c.window as i32, scale, o, part, per as i32, attn_prefetch())?;
+        // 8-bit mode: the combine also writes o as Q8_0 for the output projection
+        let fo = nsplit > 1 && self.uses_q8(b.o_a.ty) && b.o_a.ty == GgmlType::Q8_0 && (h * hd / c.o_groups) % 32 == 0 && hd <= 1024;
+        if nsplit > 1 {
+            let (q0, d0) = if fo { (self.s.fo.q0.ptr, self.s.fo.d0.ptr) } else { (0u64, 0u64) };
+            // (dims in chunks over grid z: fewer partial loads per thread;
+            // env DSV4_COMBINE_Z, 1..=8)
             static CZ: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
             let cz = *CZ.get_or_init(|| std::env::var("DSV4_COMBINE_Z").ok().and_then(|v| v.parse().ok()).unwrap_or(4usize).clamp(1, 8));
             let cz = if hd % (32 * cz) == 0 { cz } else { 1 };
             launch!(self.gpu, "attn_combine", (1, h as u32, cz as u32), (128, 1, 1), 0;
-                part, nsplit as i32, b.sinks.ptr, h as i32, hd as i32, rd as i32, omega, pp, o, q0, d0, late_trigger())?;
+                part, nsplit as i32, b.sinks.ptr, h as i32, hd as i32, rd as i32, omega, pp, o, q0, d0)?;
         }
         let stored = n.min(c.window);
         if n > 1 {

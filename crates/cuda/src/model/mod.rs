@@ -14,7 +14,7 @@ use dsv4_gguf::GgmlType;
 
 use crate::device::{DevBuf, Gpu};
 use crate::error::{CudaError, Result};
-use crate::{launch, launch_cluster};
+use crate::launch;
 
 mod forward;
 mod state;
