@@ -855,7 +855,8 @@ extern "C" __global__ void __launch_bounds__(1024) topk_select(const float* scor
 // packed (layout above; rfmt = byte stride * 2 + rope_bf16), decoded exactly.
 // With one split (gridDim.z == 1) the block writes the final output (inverse
 // RoPE on the tail); otherwise it writes a partial (max, sum, unnormalised o)
-// that attn_combine merges (flash-decoding for single-token steps).
+// that attn_combine merges (flash-decoding for single-token steps). pf: each
+// block first prefetches its split's key rows into L2 (decode).
 #define HB 4
 #define ATT_D 512  // head dims the attention kernel supports (multiple of 128)
 // Key j: an f32 window row (returned) or a packed compressed row (*packed).

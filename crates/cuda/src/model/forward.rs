@@ -4,8 +4,6 @@
 
 use super::*;
 
-/// Most key splits of a single-token attention step (env DSV4_ATTN_SPLIT,
-/// 1..=MAX_SPLIT, for experiments; default 16).
 /// The decode IQ2_XXS gate / up pair kernel: None = the generic paired
 /// kernel (env DSV4_IQ2_PAIR=0), Some(false) = one shared copy of the grid
 /// table and the signs by arithmetic (DSV4_IQ2_REP=0), Some(true) = the
@@ -18,7 +16,7 @@ fn iq2_pair_kernel() -> Option<bool> {
     })
 }
 
-/// Dynamic shared memory of the replicated-table IQ2 kernels (mmvq.cu
+/// Dynamic shared memory of the replicated-table IQ2 kernel (mmvq.cu
 /// IQ2_REP_ENTRIES x 32 words).
 const IQ2_REP_SHMEM: u32 = 384 * 32 * 4;
 
@@ -29,6 +27,8 @@ fn attn_prefetch() -> i32 {
     *V.get_or_init(|| std::env::var("DSV4_ATTN_PF").map(|v| v != "0").unwrap_or(true) as i32)
 }
 
+/// Most key splits of a single-token attention step (env DSV4_ATTN_SPLIT,
+/// 1..=MAX_SPLIT, for experiments; default 16).
 fn attn_split_max() -> usize {
     static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *V.get_or_init(|| std::env::var("DSV4_ATTN_SPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(16).clamp(1, MAX_SPLIT))
