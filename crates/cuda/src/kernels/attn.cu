@@ -295,6 +295,8 @@ extern "C" __global__ void comp_update(const float* kv, const float* sc, const f
 #pragma unroll
         for (int s2 = 0; s2 < 8; s2++)
             if (s2 < ratio) mx = fmaxf(mx, SB[s2]);
+        // (two loops, not one over 2r slots: the sums go first half, then
+        // second, and a runtime-indexed joint array would live in local memory)
         float num = 0.f, den = 0.f;
         if (mx != NEG_INF) {
 #pragma unroll

@@ -54,23 +54,13 @@ __device__ __forceinline__ void quant_vals(float v, bool valid, u64 i, i8* q0, f
         // arg-max of |x| within each group of 256, lowest index on ties
         float ba = a;
         int bi = threadIdx.x & 255;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float oa = __shfl_xor_sync(0xffffffffu, ba, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (oa > ba || (oa == ba && oi < bi)) { ba = oa; bi = oi; }
-        }
+        warp_argmax(ba, bi);
         if (lane == 0) { qs_abs[w] = ba; qs_idx[w] = bi; }
         __syncthreads();
         if ((w & 7) == 0) {
             ba = (lane < 8) ? qs_abs[w + lane] : -1.f;
             bi = (lane < 8) ? qs_idx[w + lane] : 1 << 30;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                float oa = __shfl_xor_sync(0xffffffffu, ba, o);
-                int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-                if (oa > ba || (oa == ba && oi < bi)) { ba = oa; bi = oi; }
-            }
+            warp_argmax(ba, bi);
             if (lane == 0) { qs_abs[w] = ba; qs_idx[w] = bi; }
         }
         __syncthreads();

@@ -32,12 +32,7 @@ __device__ __forceinline__ void route_block(const float* l, int ne, int k, const
 #pragma unroll
                 for (int u = 0; u < 8; u++)
                     if (bv8[u] > bv) { bv = bv8[u]; bi = u * 32 + lane; }  // ascending e: strict > keeps the lower id
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) {
-                    float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-                    int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-                    if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-                }
+                warp_argmax(bv, bi);
                 if (lane == 0) ids[j] = bi;
 #pragma unroll
                 for (int u = 0; u < 8; u++)
@@ -51,12 +46,7 @@ __device__ __forceinline__ void route_block(const float* l, int ne, int k, const
                     float v = bs[e];
                     if (v > bv) { bv = v; bi = e; }  // ascending e: strict > keeps the lower id
                 }
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) {
-                    float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-                    int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-                    if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-                }
+                warp_argmax(bv, bi);
                 if (lane == 0) { ids[j] = bi; bs[bi] = NEG_INF; }
                 __syncwarp();
             }

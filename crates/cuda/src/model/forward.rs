@@ -800,13 +800,12 @@ impl GpuModel {
 
     /// Decode MoE after the gate / up products: swiglu (weighted, 8-bit copy
     /// for the down products) and the down products per slot.
-    fn routed_tail(&self, b: &GBlock, n: usize, slots: usize) -> Result<()> {
+    fn routed_tail(&self, b: &GBlock, slots: usize) -> Result<()> {
         let c = &self.cfg;
         let (d, ff) = (c.dim, c.expert_ff);
         let s = &self.s;
         let (eids, ew, g, up, hbuf, yk) = (s.eids.ptr, s.ew.ptr, s.g.ptr, s.up.ptr, s.h.ptr, s.yk.ptr);
         let limit = c.swiglu_limits[b.layer];
-        debug_assert_eq!(n, 1);
         let dty = b.down_exps.ty;
         let (q0, d0, qk, dk) = self.s.fh.args(self.q8, dty == GgmlType::Q8_0, Self::is_k(dty));
         launch!(self.gpu, "swiglu", (((slots * ff) as u32).div_ceil(256).min(65535), 1, 1), (256, 1, 1), 0;
@@ -851,7 +850,7 @@ impl GpuModel {
                     }
                 }
             }
-            self.routed_tail(b, n, slots)?;
+            self.routed_tail(b, slots)?;
         } else {
             // prefill: slots sorted by expert, each expert's weights read once
             // per tile of up to 8 tokens instead of once per token
